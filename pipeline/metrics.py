@@ -1,0 +1,43 @@
+"""OOD metrics (METHOD §7) on scores where high means in-distribution."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+RECALL = 0.95
+
+
+def _fpr_at_recall(labels: np.ndarray, scores: np.ndarray, recall: float = RECALL) -> float:
+    """False-positive rate at the first threshold whose true-positive rate reaches ``recall``."""
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return float(fpr[np.searchsorted(tpr, recall, side="left")])
+
+
+def _check(name: str, scores) -> np.ndarray:
+    a = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if a.size == 0:
+        raise ValueError(f"{name}: no scores")
+    bad = int((~np.isfinite(a)).sum())
+    if bad:
+        raise ValueError(f"{name}: {bad} NaN or infinite score(s)")
+    return a
+
+
+def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
+    """AUROC, both FPR95 conventions, AUPR-in and AUPR-out, as fractions.
+
+    - ``fpr95_ood_positive`` (OpenOOD v1.5, InterNeg): fraction of ID samples flagged
+      OOD at 95 % OOD recall.
+    - ``fpr95_id_positive`` (MCM, NegLabel): fraction of OOD samples accepted as ID at
+      95 % ID recall.
+    """
+    id_s, ood_s = _check("id_scores", id_scores), _check("ood_scores", ood_scores)
+    scores = np.concatenate([id_s, ood_s])
+    is_id = np.concatenate([np.ones_like(id_s), np.zeros_like(ood_s)])
+    return {
+        "auroc": float(roc_auc_score(is_id, scores)),
+        "fpr95_ood_positive": _fpr_at_recall(1 - is_id, -scores),
+        "fpr95_id_positive": _fpr_at_recall(is_id, scores),
+        "aupr_in": float(average_precision_score(is_id, scores)),
+        "aupr_out": float(average_precision_score(1 - is_id, -scores)),
+    }

@@ -1,0 +1,90 @@
+"""Every setting of the project in one pydantic-settings tree.
+
+Read from the environment (prefix ``INTERNEG_``, nesting with ``__``, e.g.
+``INTERNEG_MODEL__NAME=interneg-tiny``), from a ``.env`` file, or built in code.
+Defaults are the constants of METHOD.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Method = Literal["mcm", "neglabel", "interneg"]
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "interneg"
+
+
+class ModelSettings(BaseModel):
+    name: str = Field("ViT-B-16", description="open_clip architecture name, or an 'hf-hub:org/repo' id")
+    pretrained: str = Field(
+        "openai",
+        description="open_clip pretrained tag, a local weights file, or '' for random weights",
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="'auto' is fp16 on a GPU and fp32 on a CPU"
+    )
+    seed: int = Field(0, description="seed of the random initialisation when there are no weights")
+    image_batch_size: int = Field(64, gt=0)
+    text_batch_size: int = Field(1024, gt=0)
+
+
+class ClassesSettings(BaseModel):
+    min_examples: int = Field(2, ge=1, description="fewest example images a class folder may have")
+    max_examples: int = Field(16, ge=1, description="example images used per class (the paper uses 16)")
+    prototype_augment: bool = Field(
+        False, description="pass examples through open_clip's training augmentation (the paper's choice)"
+    )
+    seed: int = 0
+
+
+class MethodSettings(BaseModel):
+    method: Method = "interneg"
+    num_negatives: int = Field(2000, gt=0, description="M, words chosen by inter-modal selection")
+    groups: int = Field(5, gt=0, description="G for InterNeg")
+    neglabel_groups: int = Field(100, gt=0, description="G for NegLabel's own configuration")
+    neglabel_fraction: float = Field(0.15, gt=0, le=1)
+    neglabel_percentile: float = Field(0.95, gt=0, le=1)
+    mcm_temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.35, description="frames scoring below beta are confidently OOD (inversion candidates)")
+    threshold: float = Field(0.5, description="frames scoring below this are judged OOD")
+    explain_top: int = Field(3, ge=0, description="negatives shown as a frame's explanation")
+
+
+class InversionSettings(BaseModel):
+    enabled: bool = True
+    steps: int = Field(10, gt=0)
+    lr: float = Field(0.02, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    init_std: float = Field(0.02, gt=0)
+    reg_weight: float = Field(0.0, ge=0, description="separation from ID prototypes (off in the paper)")
+    seed: int = 0
+
+
+class BankSettings(BaseModel):
+    capacity: int = Field(2000, gt=0, description="K_extra, inverted negatives kept")
+    dedup_cos: float = Field(0.95, gt=0, le=1, description="a candidate this close to a kept negative is a duplicate")
+
+
+class ImageSettings(BaseModel):
+    max_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INTERNEG_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    model: ModelSettings = ModelSettings()
+    classes: ClassesSettings = ClassesSettings()
+    method: MethodSettings = MethodSettings()
+    inversion: InversionSettings = InversionSettings()
+    bank: BankSettings = BankSettings()
+    images: ImageSettings = ImageSettings()
+    cache_dir: Path = Field(default_factory=_default_cache_dir)

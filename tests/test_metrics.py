@@ -1,0 +1,31 @@
+"""OOD metrics against values worked out by hand (METHOD §7)."""
+import numpy as np
+import pytest
+
+from pipeline.metrics import ood_metrics
+
+ID = [0.9, 0.8, 0.7, 0.6, 0.2]
+OOD = [0.65, 0.5, 0.4, 0.3]
+
+
+def test_known_values_and_the_two_fpr95_conventions():
+    m = ood_metrics(ID, OOD)
+    assert m["auroc"] == pytest.approx(15 / 20)
+    # ID positive: 95 % ID recall needs all 5 ID samples, threshold 0.2: all 4 OOD accepted
+    assert m["fpr95_id_positive"] == pytest.approx(1.0)
+    # OOD positive: flagging all 4 OOD needs threshold 0.65: ID 0.6 and 0.2 flagged
+    assert m["fpr95_ood_positive"] == pytest.approx(2 / 5)
+    assert m["aupr_in"] == pytest.approx((1 + 1 + 1 + 4 / 5 + 5 / 9) / 5)
+    assert m["aupr_out"] == pytest.approx((1 / 2 + 2 / 3 + 3 / 4 + 4 / 6) / 4)
+
+
+def test_perfect_separation():
+    m = ood_metrics([0.9, 0.8], [0.1, 0.2])
+    assert m == {"auroc": 1.0, "fpr95_ood_positive": 0.0, "fpr95_id_positive": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}
+
+
+def test_bad_scores_are_refused():
+    with pytest.raises(ValueError, match="ood_scores: 1 NaN"):
+        ood_metrics([0.5], [np.nan, 0.1])
+    with pytest.raises(ValueError, match="id_scores: no scores"):
+        ood_metrics([], [0.1])

@@ -1,0 +1,1 @@
+"""The detection library: no Kafka in here."""

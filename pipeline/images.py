@@ -1,0 +1,63 @@
+"""Decoding images with limits: every rejection names its reason."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class ImageRejected(ValueError):
+    """An input that is not a usable image; ``reason`` is a short machine-friendly tag."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Bytes -> RGB PIL image, checking size before the pixels are decoded."""
+    if len(data) == 0:
+        raise ImageRejected("empty", "zero bytes")
+    if len(data) > max_bytes:
+        raise ImageRejected("too-large", f"{len(data)} bytes > limit {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected("too-many-pixels", f"{width}x{height} > limit {max_pixels} pixels")
+            image.draft("RGB", (width, height))
+            return image.convert("RGB")
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageRejected("not-an-image", "unrecognised image format") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected("too-many-pixels", str(exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected("corrupt", f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_image_file(path: Path, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Read and decode one file; errors name the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageRejected("too-large", f"{size} bytes > limit {max_bytes}")
+        return decode_image(path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels)
+    except ImageRejected as exc:
+        raise ImageRejected(exc.reason, f"{path}: {exc.detail}") from exc
+    except OSError as exc:
+        raise ImageRejected("unreadable", f"{path}: {exc.strerror or exc}") from exc
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (by suffix), sorted for reproducibility."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -1,0 +1,196 @@
+"""One scorer interface, one class per method (as OpenOOD's postprocessors).
+
+The evaluator and the workers hold a :class:`Scorer` and never ask which method it is.
+Only InterNeg adapts at test time: ``propose`` turns confidently-OOD images into
+candidate negatives (possibly slowly, elsewhere), ``apply`` adds them to its bank.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.arrays import as_tensor
+from pipeline.bank import NegativeBank
+from pipeline.inversion import Inverter
+from pipeline.scoring import grouped_logits_score
+from pipeline.selection import deviation
+
+
+@dataclass
+class Scores:
+    score: np.ndarray  # (B,) high = in-distribution
+    id_class: np.ndarray  # (B,) index of the most likely ID class
+    id_prob: np.ndarray  # (B,) its probability among the ID classes
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """An admissible inverted negative, not yet in any bank."""
+
+    vector: np.ndarray
+    deviation: float
+    origin: str
+
+
+@dataclass
+class AdaptStats:
+    candidates: int = 0
+    inadmissible: int = 0
+    admitted: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+
+
+def _id_prediction(id_logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    probs = torch.softmax(id_logits, dim=1)
+    top = probs.max(dim=1)
+    return top.indices.numpy(), top.values.numpy()
+
+
+class Scorer(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def score(self, image_emb: np.ndarray) -> Scores: ...
+
+    def explain(self, image_emb: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The negatives that weighed most for each image (none for methods without negatives)."""
+        return [[] for _ in range(len(image_emb))]
+
+    def reset(self) -> None:
+        """Forget test-time state (the paper resets per OOD test set)."""
+
+    def propose(self, image_emb: np.ndarray, scores: Scores, origins: Sequence[str], stats: AdaptStats | None = None) -> list[Proposal]:
+        return []
+
+    def apply(self, proposals: Sequence[Proposal], stats: AdaptStats | None = None) -> int:
+        return 0
+
+    @property
+    def bank_version(self) -> int:
+        return 0
+
+
+class MCMScorer(Scorer):
+    name = "mcm"
+
+    def __init__(self, id_text_emb: np.ndarray, temperature: float = 1.0):
+        self.id_text = as_tensor(id_text_emb, "id_text_emb")
+        self.temperature = temperature
+
+    def score(self, image_emb: np.ndarray) -> Scores:
+        cos = as_tensor(image_emb, "image_emb") @ self.id_text.T
+        id_class, id_prob = _id_prediction(cos / self.temperature)
+        return Scores(score=id_prob.copy(), id_class=id_class, id_prob=id_prob)
+
+
+class NegLabelScorer(Scorer):
+    """The grouped score against a fixed set of negatives (NegLabel, G = 100 by default)."""
+
+    name = "neglabel"
+
+    def __init__(self, id_text_emb: np.ndarray, bank: NegativeBank, *, scale: float, groups: int, seed: int = 0):
+        self.id_text = as_tensor(id_text_emb, "id_text_emb")
+        self.bank = bank
+        self.scale = scale
+        self.groups = groups
+        self.seed = seed
+
+    def score(self, image_emb: np.ndarray) -> Scores:
+        images = as_tensor(image_emb, "image_emb")
+        id_logits = self.scale * images @ self.id_text.T
+        neg_logits = self.scale * images @ torch.from_numpy(self.bank.matrix()).T
+        id_class, id_prob = _id_prediction(id_logits)
+        score = grouped_logits_score(id_logits, neg_logits, self.groups, self.seed).numpy()
+        return Scores(score=score, id_class=id_class, id_prob=id_prob)
+
+    def explain(self, image_emb: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        return self.bank.explain(image_emb, k)
+
+    @property
+    def bank_version(self) -> int:
+        return self.bank.version
+
+
+class InterNegScorer(NegLabelScorer):
+    """The grouped score over static plus inverted negatives, growing its bank (G = 5 by default)."""
+
+    name = "interneg"
+
+    def __init__(
+        self,
+        id_text_emb: np.ndarray,
+        bank: NegativeBank,
+        *,
+        scale: float,
+        groups: int,
+        beta: float,
+        prototypes: np.ndarray | None,
+        inverter: Inverter | None,
+        seed: int = 0,
+    ):
+        super().__init__(id_text_emb, bank, scale=scale, groups=groups, seed=seed)
+        self.beta = beta
+        self.prototypes = prototypes
+        self.inverter = inverter if prototypes is not None else None
+        self.base = None if prototypes is None else np.einsum("kd,kd->k", self.id_text.double().numpy(), prototypes.astype(np.float64))
+
+    @property
+    def adapts(self) -> bool:
+        return self.inverter is not None
+
+    def reset(self) -> None:
+        self.bank.reset()
+
+    def propose(self, image_emb: np.ndarray, scores: Scores, origins: Sequence[str], stats: AdaptStats | None = None) -> list[Proposal]:
+        """Invert the images scoring below β and keep the admissible results (METHOD §4)."""
+        picked = np.flatnonzero(scores.score < self.beta)
+        if not self.adapts or len(picked) == 0:
+            return []
+        inverted = self.inverter.invert(np.asarray(image_emb)[picked])
+        dev = deviation(inverted, self.prototypes, self.base)
+        if stats is not None:
+            stats.candidates += len(picked)
+            stats.inadmissible += int((~dev.admissible).sum())
+        return [
+            Proposal(inverted[i], float(dev.degree[i]), origins[picked[i]])
+            for i in np.flatnonzero(dev.admissible)
+        ]
+
+    def apply(self, proposals: Sequence[Proposal], stats: AdaptStats | None = None) -> int:
+        admitted = 0
+        for proposal in proposals:
+            decision = self.bank.offer(proposal.vector, proposal.deviation, proposal.origin)
+            admitted += decision.accepted
+            if stats is not None and not decision.accepted:
+                key = decision.reason.split(" of ")[0].split(" (")[0]
+                stats.refused[key] = stats.refused.get(key, 0) + 1
+        if stats is not None:
+            stats.admitted += admitted
+        return admitted
+
+
+def scorer_from_bundle(bundle, settings, method: str | None = None, inverter: Inverter | None = None) -> Scorer:
+    """The scorer a setting names, built from a prepared bundle."""
+    m = settings.method
+    method = method or m.method
+    if method == "mcm":
+        return MCMScorer(bundle.id_text_mcm, m.mcm_temperature)
+    if method == "neglabel":
+        return NegLabelScorer(
+            bundle.id_text, bundle.bank("neglabel", 0, settings.bank.dedup_cos), scale=bundle.logit_scale, groups=m.neglabel_groups
+        )
+    if method == "interneg":
+        return InterNegScorer(
+            bundle.id_text,
+            bundle.bank("interneg", settings.bank.capacity, settings.bank.dedup_cos),
+            scale=bundle.logit_scale,
+            groups=m.groups,
+            beta=m.beta,
+            prototypes=bundle.prototypes,
+            inverter=inverter if settings.inversion.enabled else None,
+        )
+    raise ValueError(f"unknown method {method!r}: choose mcm, neglabel or interneg")

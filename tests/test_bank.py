@@ -1,0 +1,91 @@
+"""The negative bank: bound, ranking, de-duplication, provenance, persistence, explanations."""
+import numpy as np
+import pytest
+
+from pipeline.bank import FIRST_INVERTED_ID, InvertedNegative, NegativeBank
+
+D = 8
+
+
+def unit_rows(n, seed):
+    x = np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_bank(capacity=3, dedup=0.95):
+    static = np.eye(D, dtype=np.float32)[:2]
+    return NegativeBank(static, ["alpha", "beta"], capacity=capacity, dedup_cos=dedup)
+
+
+def test_bound_and_ranking_by_deviation():
+    bank = make_bank(capacity=3)
+    vecs = unit_rows(5, 0)
+    degrees = [0.2, 0.5, 0.1, 0.4, 0.3]
+    decisions = [bank.offer(v, d, f"frame-{i}", created=100.0 + i) for i, (v, d) in enumerate(zip(vecs, degrees))]
+    assert [d.accepted for d in decisions] == [True, True, True, True, True]
+    assert decisions[3].evicted == (FIRST_INVERTED_ID + 2,)  # 0.1 goes when 0.4 arrives
+    assert decisions[4].evicted == (FIRST_INVERTED_ID,)  # then 0.2 when 0.3 arrives
+    assert len(bank.entries) == 3
+    assert [bank.entries[i].deviation for i in bank.ranked_ids()] == [0.5, 0.4, 0.3]
+    assert [bank.entries[i].origin for i in bank.ranked_ids()] == ["frame-1", "frame-3", "frame-4"]
+    below = bank.offer(unit_rows(1, 9)[0], 0.25, "late")
+    assert not below.accepted and "bound" in below.reason
+    # the scoring matrix: static first, then inverted by rank
+    m = bank.matrix()
+    assert m.shape == (5, D)
+    np.testing.assert_array_equal(m[2], vecs[1])
+    np.testing.assert_array_equal(m[4], vecs[4])
+
+
+def test_near_duplicates_of_any_negative_are_refused():
+    bank = make_bank(dedup=0.95)
+    v = unit_rows(1, 1)[0]
+    assert bank.offer(v, 0.3, "a").accepted
+    close = v + 0.01 * unit_rows(1, 2)[0]
+    refused = bank.offer(close, 0.9, "b")
+    assert not refused.accepted and "near-duplicate of inverted#" in refused.reason
+    refused_static = bank.offer(np.eye(D)[0] + 0.01, 0.9, "c")
+    assert not refused_static.accepted and "alpha" in refused_static.reason
+    assert len(bank.entries) == 1
+
+
+def test_ties_rank_by_id_so_replicas_agree():
+    a, b = make_bank(capacity=5), make_bank(capacity=5)
+    vecs = unit_rows(3, 3)
+    entries = [InvertedNegative(FIRST_INVERTED_ID + i, 0.5, f"f{i}", 1.0) for i in range(3)]
+    for e, v in zip(entries, vecs):
+        a.put(e, v)
+    for e, v in reversed(list(zip(entries, vecs))):
+        b.put(e, v)
+    assert a.ranked_ids() == b.ranked_ids() == [FIRST_INVERTED_ID, FIRST_INVERTED_ID + 1, FIRST_INVERTED_ID + 2]
+    assert a.digest() == b.digest()
+    b.remove(FIRST_INVERTED_ID + 1)
+    assert a.digest() != b.digest()
+
+
+def test_save_load_round_trip(tmp_path):
+    bank = make_bank(capacity=4)
+    for i, v in enumerate(unit_rows(3, 4)):
+        bank.offer(v, 0.1 * (i + 1), f"frame-{i}", created=7.0)
+    bank.save(tmp_path / "bank.npz")
+    again = NegativeBank.load(tmp_path / "bank.npz")
+    assert again.digest() == bank.digest()
+    assert again.entries == bank.entries
+    assert again.version == bank.version
+    # ids keep counting after a reload
+    assert again.offer(unit_rows(1, 5)[0], 0.9, "new").id == FIRST_INVERTED_ID + 3
+
+
+def test_explain_returns_the_closest_negatives_with_labels():
+    bank = make_bank()
+    bank.offer(unit_rows(1, 6)[0], 0.3, "frame-x")
+    query = np.eye(D, dtype=np.float32)[:1]
+    (top,) = bank.explain(query, 2)
+    assert top[0] == ("alpha", pytest.approx(1.0))
+    assert len(top) == 2
+    assert bank.entries[FIRST_INVERTED_ID].nearest_words  # provenance carries nearest words
+
+
+def test_wrong_dimension_is_refused():
+    with pytest.raises(ValueError, match="dimension 4"):
+        make_bank().put(InvertedNegative(FIRST_INVERTED_ID, 0.1, "x", 0.0), np.ones(4))

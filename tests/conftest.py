@@ -4,27 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 from schemas.settings import ModelSettings, Settings  # noqa: E402
+from workers.demo import draw_image  # noqa: E402
 
 TINY = ModelSettings(name="interneg-tiny", pretrained="", device="cpu")
-
-
-def draw_image(path: Path, colour: tuple[int, int, int], shape: str, seed: int, size=(96, 72)) -> Path:
-    """A small synthetic photo: a coloured shape on a noisy background."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(0, 60, size=(size[1], size[0], 3), dtype=np.uint8)
-    image = Image.fromarray(background)
-    draw = ImageDraw.Draw(image)
-    box = [int(size[0] * 0.2), int(size[1] * 0.2), int(size[0] * 0.8), int(size[1] * 0.8)]
-    getattr(draw, "ellipse" if shape == "circle" else "rectangle")(box, fill=colour)
-    image.save(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +30,7 @@ def class_folder(tmp_path_factory) -> Path:
         folder = root / name
         folder.mkdir()
         for i in range(3):
-            draw_image(folder / f"{i}.png", colour, shape, seed=10 * k + i)
+            draw_image(folder / f"{i}.png", colour, "ellipse" if shape == "circle" else "rectangle", seed=10 * k + i)
     return root
 
 

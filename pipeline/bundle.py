@@ -1,0 +1,243 @@
+"""The detector bundle: everything a scorer needs, made once by ``interneg prepare``.
+
+A bundle is a directory: ``manifest.json`` (model id and settings, class names, counts,
+sha256 of every file) beside plain ``.npy``/``.json`` arrays and the FAISS index of the
+InterNeg negatives. Nothing is pickled. Loading verifies the hashes and refuses a bundle
+made with another model than the one it will be used with.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from pipeline.bank import NegativeBank
+from pipeline.classes import ID_PROMPT, MCM_PROMPT, IdClasses, compute_prototypes, load_classes
+from pipeline.lexicon import Lexicon, cached_text_embeddings, load_lexicon
+from pipeline.selection import base_similarity, select_intermodal, select_neglabel
+from schemas.settings import Settings
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the bundle and the problem."""
+
+
+@dataclass
+class Bundle:
+    model_id: str
+    class_names: list[str]
+    logit_scale: float
+    id_text: np.ndarray  # (K, D) "The nice {y}."
+    id_text_mcm: np.ndarray  # (K, D) "a photo of a {y}."
+    prototypes: np.ndarray | None  # (K, D), None without example images
+    interneg_words: list[str]
+    interneg_negatives: np.ndarray  # (M, D)
+    neglabel_words: list[str]
+    neglabel_negatives: np.ndarray
+    settings: dict = field(default_factory=dict)  # the Settings used to prepare, as JSON data
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. a simulation's modality gap
+    info: dict = field(default_factory=dict)  # counts and notes shown to the user
+
+    @property
+    def base_similarity(self) -> np.ndarray | None:
+        return None if self.prototypes is None else base_similarity(self.id_text, self.prototypes)
+
+    @property
+    def selection(self) -> str:
+        return "intermodal" if self.prototypes is not None else "neglabel (no example images)"
+
+    def bank(self, method: str, capacity: int, dedup_cos: float) -> NegativeBank:
+        vectors, words = (
+            (self.neglabel_negatives, self.neglabel_words)
+            if method == "neglabel"
+            else (self.interneg_negatives, self.interneg_words)
+        )
+        return NegativeBank(vectors, list(words), capacity=capacity, dedup_cos=dedup_cos)
+
+
+def build_bundle(
+    *,
+    model_id: str,
+    class_names: list[str],
+    logit_scale: float,
+    id_text: np.ndarray,
+    id_text_mcm: np.ndarray,
+    prototypes: np.ndarray | None,
+    lexicon: Lexicon,
+    lexicon_emb: np.ndarray,
+    settings: Settings,
+    extras: dict[str, np.ndarray] | None = None,
+) -> Bundle:
+    """Select both methods' negatives from embedded arrays (no model needed)."""
+    m = settings.method
+    total_candidates = len(lexicon.words)
+    lexicon, kept = lexicon.without(class_names)
+    lexicon_emb = lexicon_emb[kept]
+    neglabel_idx = select_neglabel(
+        lexicon_emb, lexicon.is_adjective, id_text, m.neglabel_fraction, m.neglabel_percentile, words=lexicon.words
+    )
+    if prototypes is not None:
+        interneg_idx = select_intermodal(
+            lexicon_emb, lexicon.is_adjective, id_text, prototypes, m.num_negatives, words=lexicon.words
+        )
+        note = f"inter-modal selection: {len(interneg_idx)} negatives"
+    else:
+        interneg_idx = neglabel_idx
+        note = "no example images: inter-modal selection and inversion are unavailable; InterNeg uses NegLabel's selection"
+    info = {
+        "lexicon_candidates": len(lexicon.words),
+        "dropped_as_class_names": total_candidates - len(kept),
+        "interneg_negatives": int(len(interneg_idx)),
+        "interneg_adjectives": int(lexicon.is_adjective[interneg_idx].sum()),
+        "neglabel_negatives": int(len(neglabel_idx)),
+        "selection_note": note,
+    }
+    return Bundle(
+        model_id=model_id,
+        class_names=list(class_names),
+        logit_scale=float(logit_scale),
+        id_text=id_text.astype(np.float32),
+        id_text_mcm=id_text_mcm.astype(np.float32),
+        prototypes=None if prototypes is None else prototypes.astype(np.float32),
+        interneg_words=[lexicon.words[i] for i in interneg_idx],
+        interneg_negatives=lexicon_emb[interneg_idx].astype(np.float32),
+        neglabel_words=[lexicon.words[i] for i in neglabel_idx],
+        neglabel_negatives=lexicon_emb[neglabel_idx].astype(np.float32),
+        settings=json.loads(settings.model_dump_json()),
+        extras=dict(extras or {}),
+        info=info,
+    )
+
+
+def prepare_bundle(loaded, classes_source: Path, settings: Settings) -> Bundle:
+    """Encode the ID classes, their examples and the lexicon with a loaded model, then select."""
+    classes: IdClasses = load_classes(classes_source, settings.classes)
+    id_text = loaded.encode_texts([ID_PROMPT.format(n) for n in classes.names])
+    id_text_mcm = loaded.encode_texts([MCM_PROMPT.format(n) for n in classes.names])
+    prototypes = compute_prototypes(loaded, classes, settings.classes, settings.images) if classes.has_examples else None
+    lexicon = load_lexicon()
+    lexicon_emb = cached_text_embeddings(
+        loaded, lexicon.prompts, settings.cache_dir, batch_size=settings.model.text_batch_size
+    )
+    bundle = build_bundle(
+        model_id=loaded.model_id,
+        class_names=classes.names,
+        logit_scale=loaded.logit_scale,
+        id_text=id_text,
+        id_text_mcm=id_text_mcm,
+        prototypes=prototypes,
+        lexicon=lexicon,
+        lexicon_emb=lexicon_emb,
+        settings=settings,
+    )
+    bundle.info["examples_per_class"] = [len(e) for e in classes.examples] if classes.examples else []
+    return bundle
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_bundle(bundle: Bundle, out_dir: Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "id_text": bundle.id_text,
+        "id_text_mcm": bundle.id_text_mcm,
+        "interneg_negatives": bundle.interneg_negatives,
+        "neglabel_negatives": bundle.neglabel_negatives,
+    }
+    if bundle.prototypes is not None:
+        arrays["prototypes"] = bundle.prototypes
+        arrays["base_similarity"] = bundle.base_similarity.astype(np.float32)
+    arrays.update({f"extra_{k}": v for k, v in bundle.extras.items()})
+    files = []
+    for name, array in arrays.items():
+        np.save(out / f"{name}.npy", np.ascontiguousarray(array))
+        files.append(f"{name}.npy")
+    for name, words in (("interneg_words", bundle.interneg_words), ("neglabel_words", bundle.neglabel_words)):
+        (out / f"{name}.json").write_text(json.dumps(words, ensure_ascii=False), encoding="utf-8")
+        files.append(f"{name}.json")
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(bundle.id_text.shape[1]))
+    index.add_with_ids(bundle.interneg_negatives, np.arange(len(bundle.interneg_negatives), dtype=np.int64))
+    faiss.write_index(index, str(out / "interneg_negatives.faiss"))
+    files.append("interneg_negatives.faiss")
+    manifest = {
+        "format": FORMAT_VERSION,
+        "model_id": bundle.model_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "class_names": bundle.class_names,
+        "logit_scale": bundle.logit_scale,
+        "embed_dim": int(bundle.id_text.shape[1]),
+        "selection": bundle.selection,
+        "extras": sorted(bundle.extras),
+        "info": bundle.info,
+        "settings": bundle.settings,
+        "files": {name: _sha256(out / name) for name in sorted(files)},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def read_manifest(path: Path) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BundleError(f"{path}: not a detector bundle (no readable {MANIFEST})") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path}: malformed JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {manifest.get('format')}, this version reads {FORMAT_VERSION}")
+    return manifest
+
+
+def load_bundle(path: Path, *, model_id: str | None = None) -> Bundle:
+    """Read and verify a bundle; with ``model_id``, refuse one made with another model."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if model_id is not None and manifest["model_id"] != model_id:
+        raise BundleError(
+            f"{path}: bundle was prepared with model {manifest['model_id']}, but the loaded model is {model_id}; "
+            f"prepare a bundle with this model or load the bundle's model"
+        )
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing from the bundle")
+        if _sha256(file) != digest:
+            raise BundleError(f"{file}: content does not match the manifest's sha256 (modified or corrupt)")
+
+    def array(name: str) -> np.ndarray:
+        return np.load(path / f"{name}.npy", allow_pickle=False)
+
+    def words(name: str) -> list[str]:
+        return json.loads((path / f"{name}.json").read_text(encoding="utf-8"))
+
+    has_prototypes = "prototypes.npy" in manifest["files"]
+    bundle = Bundle(
+        model_id=manifest["model_id"],
+        class_names=list(manifest["class_names"]),
+        logit_scale=float(manifest["logit_scale"]),
+        id_text=array("id_text"),
+        id_text_mcm=array("id_text_mcm"),
+        prototypes=array("prototypes") if has_prototypes else None,
+        interneg_words=words("interneg_words"),
+        interneg_negatives=array("interneg_negatives"),
+        neglabel_words=words("neglabel_words"),
+        neglabel_negatives=array("neglabel_negatives"),
+        settings=manifest["settings"],
+        extras={name: array(f"extra_{name}") for name in manifest.get("extras", [])},
+        info=manifest.get("info", {}),
+    )
+    if len(bundle.interneg_words) != len(bundle.interneg_negatives):
+        raise BundleError(f"{path}: {len(bundle.interneg_words)} InterNeg words for {len(bundle.interneg_negatives)} vectors")
+    return bundle

@@ -1,0 +1,46 @@
+"""Decoding with limits: every bad input is refused with a reason."""
+import io
+
+import pytest
+from PIL import Image
+
+from pipeline.images import ImageRejected, decode_image, load_image_file
+
+LIMITS = dict(max_bytes=1_000_000, max_pixels=1_000_000)
+
+
+def encoded(size=(64, 48), fmt="JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 120, 200)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_good_images_decode_to_rgb(fmt):
+    image = decode_image(encoded(fmt=fmt), **LIMITS)
+    assert image.mode == "RGB" and image.size == (64, 48)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"hello, not an image", "not-an-image"),
+        (encoded()[:200], "corrupt"),
+        (b"x" * 1_000_001, "too-large"),
+        (encoded(size=(2000, 1000), fmt="PNG"), "too-many-pixels"),
+    ],
+)
+def test_bad_inputs_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageRejected) as info:
+        decode_image(data, **LIMITS)
+    assert info.value.reason == reason
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ImageRejected, match="missing.jpg"):
+        load_image_file(tmp_path / "missing.jpg", **LIMITS)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ImageRejected, match="bad.jpg: unrecognised"):
+        load_image_file(bad, **LIMITS)

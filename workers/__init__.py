@@ -1,0 +1,1 @@
+"""Processes that move data between Kafka and pipeline/, and the command line."""

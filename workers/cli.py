@@ -1,0 +1,291 @@
+"""The ``interneg`` command line. Settings come from INTERNEG_* variables and .env."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from schemas.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Streaming OOD detection with CLIP and InterNeg.")
+
+METHODS = ("mcm", "neglabel", "interneg")
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _settings(model: str | None = None, pretrained: str | None = None) -> Settings:
+    settings = Settings()
+    if model is not None:
+        settings.model.name = model
+    if pretrained is not None:
+        settings.model.pretrained = pretrained
+    return settings
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _load_bundle_and_model(bundle_dir: Path, settings: Settings):
+    """The bundle's own model (device and precision from the current settings), checked against it."""
+    from pipeline.bundle import load_bundle, read_manifest
+    from pipeline.model import load_model
+    from schemas.settings import ModelSettings
+
+    manifest = read_manifest(bundle_dir)
+    model_settings = ModelSettings(**manifest["settings"]["model"])
+    model_settings.device, model_settings.precision = settings.model.device, settings.model.precision
+    loaded = load_model(model_settings)
+    return load_bundle(bundle_dir, model_id=loaded.model_id), loaded
+
+
+@app.command()
+def prepare(
+    classes: Annotated[Path, typer.Option(help="folder with a sub-folder of example images per class, or a text file of class names")],
+    out: Annotated[Path, typer.Option(help="bundle directory to write")],
+    model: Annotated[Optional[str], typer.Option(help="open_clip model (overrides INTERNEG_MODEL__NAME)")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="weights tag or local file (overrides INTERNEG_MODEL__PRETRAINED)")] = None,
+) -> None:
+    """Build a detector bundle: ID embeddings, prototypes, selected negatives, FAISS index."""
+    from pipeline.bundle import prepare_bundle, save_bundle
+    from pipeline.model import load_model
+
+    settings = _settings(model, pretrained)
+    loaded = load_model(settings.model)
+    bundle = prepare_bundle(loaded, classes, settings)
+    save_bundle(bundle, out)
+    info = bundle.info
+    _say(
+        f"bundle {out}: model {bundle.model_id}, {len(bundle.class_names)} classes, "
+        f"{info['lexicon_candidates']} lexicon candidates, {info['interneg_negatives']} InterNeg negatives "
+        f"({info['interneg_adjectives']} adjectives), {info['neglabel_negatives']} NegLabel negatives"
+    )
+    if bundle.prototypes is None:
+        _say(f"note: {info['selection_note']}")
+
+
+def _encode_files(loaded, paths: list[Path], settings: Settings):
+    """Embeddings of the images that decode, and (path, reason) for those that do not."""
+    import numpy as np
+    import torch
+
+    from pipeline.images import ImageRejected, load_image_file
+
+    tensors, kept, rejected = [], [], []
+    for path in paths:
+        try:
+            image = load_image_file(path, max_bytes=settings.images.max_bytes, max_pixels=settings.images.max_pixels)
+        except ImageRejected as exc:
+            rejected.append((path, str(exc)))
+            continue
+        tensors.append(loaded.preprocess(image))
+        kept.append(path)
+    chunks = [
+        loaded.encode_images(torch.stack(tensors[i : i + settings.model.image_batch_size])).cpu().numpy()
+        for i in range(0, len(tensors), settings.model.image_batch_size)
+    ]
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, loaded.embed_dim), np.float32)
+    return emb, kept, rejected
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    from pipeline.images import list_images
+
+    files = []
+    for path in paths:
+        files.extend(list_images(path) if path.is_dir() else [path])
+    return files
+
+
+@app.command()
+def score(
+    images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    bundle: Annotated[Path, typer.Option(help="detector bundle from 'interneg prepare'")],
+    method: Annotated[Optional[str], typer.Option(help="mcm | neglabel | interneg (default: the setting)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Score images: score, verdict, top ID class, and the negatives that weighed most."""
+    from pipeline.scorers import scorer_from_bundle
+
+    settings = _settings()
+    loaded_bundle, loaded = _load_bundle_and_model(bundle, settings)
+    scorer = scorer_from_bundle(loaded_bundle, settings, method)
+    emb, kept, rejected = _encode_files(loaded, _expand(images), settings)
+    threshold = settings.method.threshold
+    rows = []
+    if len(kept):
+        result = scorer.score(emb)
+        explanations = scorer.explain(emb, settings.method.explain_top)
+        for i, path in enumerate(kept):
+            rows.append(
+                {
+                    "file": str(path),
+                    "method": scorer.name,
+                    "score": round(float(result.score[i]), 6),
+                    "verdict": "ood" if result.score[i] < threshold else "id",
+                    "id_class": loaded_bundle.class_names[int(result.id_class[i])],
+                    "id_prob": round(float(result.id_prob[i]), 6),
+                    "negatives": [{"label": label, "cos": round(cos, 4)} for label, cos in explanations[i]],
+                }
+            )
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        for path, reason in rejected:
+            typer.echo(json.dumps({"file": str(path), "error": reason}))
+    else:
+        typer.echo(f"{'file':40s} {'score':>8s} verdict  top ID class (prob)       weighed most")
+        for row in rows:
+            negs = ", ".join(n["label"] for n in row["negatives"])
+            top = f"{row['id_class']} ({row['id_prob']:.2f})"
+            typer.echo(f"{Path(row['file']).name[-40:]:40s} {row['score']:8.4f} {row['verdict']:7s}  {top:24s} {negs}")
+        for path, reason in rejected:
+            typer.echo(f"{path.name[-40:]:40s} rejected: {reason}")
+    _say(f"{len(rows)} scored, {len(rejected)} rejected (threshold {threshold}, method {scorer.name})")
+    if rejected:
+        raise typer.Exit(1)
+
+
+def _parse_sets(specs: list[str]) -> dict[str, Path]:
+    sets = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path, name = spec, Path(spec).stem
+        if name in sets:
+            raise CliError(f"--ood {spec}: the set name '{name}' is used twice")
+        sets[name] = Path(path)
+    return sets
+
+
+@app.command("eval")
+def eval_command(
+    bundle: Annotated[Path, typer.Option(help="detector bundle (its model encodes image folders)")],
+    id_data: Annotated[Path, typer.Option("--id", help="ID images: a folder or a feature .npz")],
+    ood: Annotated[list[str], typer.Option(help="NAME=PATH of an OOD set (folder or .npz); repeat for more")],
+    out: Annotated[Path, typer.Option(help="folder for metrics.json, metrics.txt and the plots")] = Path("runs/eval"),
+    method: Annotated[str, typer.Option(help="mcm, neglabel, interneg, a comma list, or 'all'")] = "all",
+    protocol: Annotated[str, typer.Option(help="paper (synchronous, re-score) or async (delayed updates)")] = "paper",
+    delay: Annotated[int, typer.Option(help="async: batches before a bank update applies")] = 1,
+    batch_size: Annotated[int, typer.Option(help="stream batch size")] = 256,
+    seed: Annotated[int, typer.Option(help="shuffle seed of the mixed stream")] = 0,
+) -> None:
+    """Evaluate methods on ID vs OOD sets; print the metrics table and write JSON and plots."""
+    from pipeline.bundle import read_manifest, load_bundle
+    from pipeline.evaluate import Protocol, evaluate, write_report
+    from pipeline.features import load_features
+    from pipeline.scorers import scorer_from_bundle
+
+    settings = _settings()
+    methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CliError(f"--method: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)} or all")
+    if protocol not in ("paper", "async"):
+        raise CliError(f"--protocol {protocol}: choose paper or async")
+    proto = Protocol(kind=protocol, batch_size=batch_size, delay=delay, seed=seed)
+    manifest = read_manifest(bundle)
+    simulated = "modality_gap" in manifest.get("extras", [])
+    loaded = None
+    if simulated:
+        from pipeline.simulate import SimulatedInverter
+
+        the_bundle = load_bundle(bundle)
+        extras = the_bundle.extras
+        inverter = SimulatedInverter(extras["modality_gap"], seed=settings.inversion.seed, text_mean=extras.get("text_mean"))
+    else:
+        from pipeline.inversion import TextInverter
+
+        the_bundle, loaded = _load_bundle_and_model(bundle, settings)
+        inverter = TextInverter(loaded, settings.inversion, the_bundle.prototypes) if the_bundle.prototypes is not None else None
+
+    def features_of(name: str, path: Path):
+        if path.is_dir():
+            if loaded is None:
+                raise CliError(f"{path}: a simulated bundle has no model to encode images; give a feature .npz")
+            emb, kept, rejected = _encode_files(loaded, _expand([path]), settings)
+            for file, reason in rejected:
+                _say(f"rejected {file}: {reason}")
+            _say(f"{name}: {len(kept)} images encoded, {len(rejected)} rejected")
+            if not len(kept):
+                raise CliError(f"{path}: no usable images")
+            return emb
+        features, _, model_id = load_features(path)
+        if model_id != the_bundle.model_id:
+            raise CliError(f"{path}: features made with model {model_id}, the bundle's model is {the_bundle.model_id}")
+        return features
+
+    id_features = features_of("ID", id_data)
+    ood_sets = {name: features_of(name, path) for name, path in _parse_sets(ood).items()}
+    scorers = {m: scorer_from_bundle(the_bundle, settings, m, inverter) for m in methods}
+    report = evaluate(scorers, id_features, ood_sets, proto, progress=True)
+    written = write_report(report, out)
+    typer.echo(f"protocol {protocol}" + (f" (delay {delay} batches)" if protocol == "async" else "") + f", batch {batch_size}, {len(id_features)} ID samples")
+    typer.echo(report.table())
+    for r in report.results:
+        if r.method == "interneg":
+            a = r.adapt
+            typer.echo(
+                f"interneg/{r.ood_set}: {a['candidates']} inversion candidates, {a['inadmissible']} inadmissible, "
+                f"{a['admitted']} admitted, bank {r.bank_size}"
+            )
+    _say("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="folder for the simulated bundle and feature files")] = Path("runs/simulated"),
+    seed: Annotated[int, typer.Option(help="simulation seed")] = 0,
+) -> None:
+    """Write a simulated CLIP world: a bundle and ID/OOD feature files for 'interneg eval'."""
+    from pipeline.simulate import SimulationParams, write_simulation
+
+    paths = write_simulation(SimulationParams(seed=seed), out, _settings())
+    for path in paths:
+        _say(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="working folder of the demo")] = Path("runs/demo"),
+) -> None:
+    """The offline demo end to end: simulated evaluation of all methods, then the tiny model on generated images."""
+    from workers.demo import run_demo
+
+    return run_demo(out, echo=typer.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; known failures print one 'error:' line and exit with status 2."""
+    import click
+    from pydantic import ValidationError
+
+    from pipeline.model import ModelLoadError
+
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _say("aborted")
+        return 130
+    except ValidationError as exc:
+        _say(f"error: invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+        return 2
+    except (CliError, ModelLoadError, ValueError, OSError) as exc:  # bundle, classes and image errors are ValueErrors
+        _say(f"error: {exc}")
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -76,6 +76,47 @@ class ImageSettings(BaseModel):
     max_pixels: int = Field(40_000_000, gt=0)
 
 
+class TopicSettings(BaseModel):
+    frames: str = "frames"
+    scores: str = "ood.scores"
+    alerts: str = "ood.alerts"
+    candidates: str = "ood.candidates"
+    negatives: str = "ood.negatives"
+    deadletter: str = "ood.deadletter"
+    partitions: int = Field(6, gt=0, description="partitions of the frames, scores, alerts and candidates topics")
+    replication_factor: int = Field(1, gt=0)
+    retention_ms: int = Field(7 * 24 * 3600 * 1000, description="retention of every topic but the compacted negatives")
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "interneg"
+    scoring_group: str = "interneg-scoring"
+    inversion_group: str = "interneg-inversion"
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="broker, topics, producers and consumers alike")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    request_timeout_ms: int = 30000
+    session_timeout_ms: int = 10000
+    max_poll_interval_ms: int = Field(300000, description="a batch must finish within this, or the worker leaves its group")
+
+
+class WorkerSettings(BaseModel):
+    bundle: Path | None = Field(None, description="detector bundle directory")
+    batch_size: int = Field(32, gt=0, description="frames per batch, at most")
+    batch_timeout_ms: int = Field(200, gt=0, description="a batch closes after this long even if not full")
+    decode_threads: int = Field(2, gt=0)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(0, ge=0, description="metrics and health endpoints; 0 picks a free port")
+    name: str = Field("", description="worker name in logs and records; default host-pid")
+    inversion_batch_size: int = Field(16, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INTERNEG_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -87,4 +128,7 @@ class Settings(BaseSettings):
     inversion: InversionSettings = InversionSettings()
     bank: BankSettings = BankSettings()
     images: ImageSettings = ImageSettings()
+    topics: TopicSettings = TopicSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    worker: WorkerSettings = WorkerSettings()
     cache_dir: Path = Field(default_factory=_default_cache_dir)

@@ -1,0 +1,147 @@
+"""The wire contract: every message that crosses a process boundary.
+
+Values are JSON (UTF-8) of these pydantic models; vectors travel as base64 bytes with a
+declared dtype, dimension and model id, and are validated on read. Nothing is pickled.
+Each model carries ``version``; a reader refuses versions it does not know.
+"""
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+import numpy as np
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+# Frame headers (topic `frames`): bytes values, UTF-8.
+H_FRAME_ID = "frame-id"
+H_CAMERA_ID = "camera-id"
+H_TS = "ts"  # milliseconds since the epoch, decimal
+H_CONTENT_TYPE = "content-type"
+CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp")
+
+# Dead-letter headers: the original key, value and headers are kept, these are added.
+H_DL_REASON = "x-dl-reason"
+H_DL_DETAIL = "x-dl-detail"
+H_DL_TOPIC = "x-dl-source-topic"
+H_DL_PARTITION = "x-dl-source-partition"
+H_DL_OFFSET = "x-dl-source-offset"
+H_DL_WORKER = "x-dl-worker"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: Literal[1] = SCHEMA_VERSION
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes):
+        return cls.model_validate_json(data)
+
+
+class Vector(BaseModel):
+    """A float vector as bytes, with what is needed to check it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dtype: Literal["float32", "float16"]
+    dim: int = Field(gt=0, le=65536)
+    model_id: str = Field(min_length=1)
+    data: Base64Bytes
+
+    @model_validator(mode="after")
+    def _size_matches(self):
+        expected = self.dim * np.dtype(self.dtype).itemsize
+        if len(self.data) != expected:
+            raise ValueError(f"vector data has {len(self.data)} bytes, {self.dtype}[{self.dim}] needs {expected}")
+        values = np.frombuffer(self.data, dtype=self.dtype)
+        if not np.isfinite(values).all():
+            raise ValueError("vector contains NaN or infinite values")
+        return self
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray, model_id: str) -> "Vector":
+        a = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+        return cls(dtype="float32", dim=a.shape[0], model_id=model_id, data=base64.b64encode(a.tobytes()))
+
+    def to_numpy(self, *, model_id: str, dim: int) -> np.ndarray:
+        """The vector as float32, refusing another model's or another width."""
+        if self.model_id != model_id:
+            raise ValueError(f"vector made with model {self.model_id}, expected {model_id}")
+        if self.dim != dim:
+            raise ValueError(f"vector has dimension {self.dim}, expected {dim}")
+        return np.frombuffer(self.data, dtype=self.dtype).astype(np.float32)
+
+
+class SourceRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    topic: str
+    partition: int
+    offset: int
+
+
+class WeighedNegative(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    label: str
+    cos: float
+
+
+class Timings(BaseModel):
+    """Per-frame share of the batch's stages, milliseconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    decode_ms: float = 0.0
+    encode_ms: float = 0.0
+    score_ms: float = 0.0
+    batch_ms: float = 0.0  # the whole batch, poll to produce
+    batch_size: int = 0
+
+
+class FrameScore(Message):
+    """Topic ``ood.scores`` (and, for OOD verdicts, ``ood.alerts``), keyed by frame id."""
+
+    frame_id: str
+    camera_id: str
+    ts_ms: int | None = None  # when the camera took it (header), if given
+    source: SourceRef
+    method: str
+    score: float
+    threshold: float
+    verdict: Literal["id", "ood"]
+    id_class: str
+    id_prob: float
+    negatives: list[WeighedNegative] = []
+    bank_version: int
+    bank_size: int
+    model_id: str
+    worker: str
+    scored_at_ms: int
+    timings: Timings = Timings()
+
+
+class OODAlert(FrameScore):
+    """Topic ``ood.alerts``: a frame judged OOD, with its explanation (the negatives that weighed most)."""
+
+
+class Candidate(Message):
+    """Topic ``ood.candidates``: a confidently-OOD frame's embedding, for inversion."""
+
+    frame_id: str
+    camera_id: str
+    source: SourceRef
+    score: float
+    embedding: Vector
+    created_ms: int
+
+
+class NegativeRecord(Message):
+    """Topic ``ood.negatives`` (compacted), keyed by negative id; a null value is a tombstone."""
+
+    id: int
+    vector: Vector
+    deviation: float
+    origin: str  # the frame id it was inverted from
+    created: float  # unix seconds
+    nearest_words: list[str] = []

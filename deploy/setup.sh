@@ -15,5 +15,10 @@ fi
 # The lock pins every transitive version (made by: uv pip compile pyproject.toml --extra dev -o deploy/requirements.lock).
 uv pip sync --quiet --python .venv/bin/python deploy/requirements.lock
 uv pip install --quiet --python .venv/bin/python --no-deps -e .
+# The Kafka broker (tests, local-run) runs from Maven Central jars with Java 17+.
+if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq maven openjdk-17-jre-headless >/dev/null
+fi
+bash deploy/kafka/broker.sh fetch >/dev/null
 .venv/bin/python -c "import torch, torchvision, open_clip, faiss, kafka, crc32c" \
     || { echo "setup: the environment in .venv does not import; remove .venv and run again" >&2; exit 1; }

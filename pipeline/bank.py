@@ -89,6 +89,10 @@ class NegativeBank:
             self._matrix = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
         return self._matrix
 
+    def vector(self, negative_id: int) -> np.ndarray:
+        """The stored vector of an inverted negative, exactly as scored and published."""
+        return self._vectors[negative_id]
+
     def label(self, negative_id: int) -> str:
         if 0 <= negative_id < len(self.static_words):
             return self.static_words[negative_id]
@@ -156,11 +160,19 @@ class NegativeBank:
         for negative_id in list(self.entries):
             self.remove(negative_id)
 
-    def offer(self, vector: np.ndarray, deviation: float, origin: str, *, created: float | None = None) -> Decision:
-        """Admit an (already admissible) inverted negative if it is new and ranks inside the bound."""
+    def offer(
+        self, vector: np.ndarray, deviation: float, origin: str, *, created: float | None = None, id: int | None = None
+    ) -> Decision:
+        """Admit an (already admissible) inverted negative if it is new and ranks inside the bound.
+
+        ``id`` lets the caller name the entry (a stable id per origin makes a replayed
+        offer a no-op); by default ids count up from :data:`FIRST_INVERTED_ID`.
+        """
         vec = normalize_rows(np.asarray(vector, dtype=np.float32).reshape(1, -1))
         if not np.isfinite(vec).all() or not np.isfinite(deviation):
             return Decision(False, "not finite")
+        if id is not None and id in self.entries:
+            return Decision(False, "already in the bank", id)
         sims, ids = self.nearest(vec, 1)
         if ids.shape[1] and ids[0, 0] >= 0 and sims[0, 0] >= self.dedup_cos:
             return Decision(False, f"near-duplicate of {self.label(int(ids[0, 0]))} (cos {sims[0, 0]:.3f})")
@@ -170,7 +182,7 @@ class NegativeBank:
             if deviation <= self.entries[weakest].deviation:
                 return Decision(False, "ranks below the bank's bound")
         entry = InvertedNegative(
-            id=self._next_id,
+            id=self._next_id if id is None else id,
             deviation=float(deviation),
             origin=origin,
             created=time.time() if created is None else created,

@@ -200,6 +200,16 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def load_bundle_with_model(path: Path, device: str = "auto", precision: str = "auto"):
+    """The bundle and the model it was prepared with (device and precision may differ)."""
+    from pipeline.model import load_model
+    from schemas.settings import ModelSettings
+
+    recorded = read_manifest(path)["settings"]["model"]
+    loaded = load_model(ModelSettings(**{**recorded, "device": device, "precision": precision}))
+    return load_bundle(path, model_id=loaded.model_id), loaded
+
+
 def load_bundle(path: Path, *, model_id: str | None = None) -> Bundle:
     """Read and verify a bundle; with ``model_id``, refuse one made with another model."""
     path = Path(path)

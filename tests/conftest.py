@@ -49,3 +49,41 @@ def tiny_bundle_dir(tiny_model, class_folder, tiny_settings, tmp_path_factory) -
 
     bundle = prepare_bundle(tiny_model, class_folder, tiny_settings)
     return save_bundle(bundle, tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+# --- the real Kafka broker -------------------------------------------------------------
+import subprocess  # noqa: E402
+import uuid  # noqa: E402
+
+BROKER = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "broker.sh"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory):
+    """One single-node KRaft broker for the whole session, started from the Maven jars."""
+    subprocess.run(["bash", str(BROKER), "fetch"], check=True, capture_output=True, timeout=600)
+    home = tmp_path_factory.mktemp("kafka")
+    started = subprocess.run(["bash", str(BROKER), "start", str(home)], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield started.stdout.strip().splitlines()[-1]
+    subprocess.run(["bash", str(BROKER), "stop", str(home)], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def stream_settings(kafka_bootstrap, tiny_settings) -> Settings:
+    """Settings of a fresh deployment: its own topics and groups on the shared broker."""
+    from workers.topics import ensure_topics
+
+    run = uuid.uuid4().hex[:8]
+    settings = tiny_settings.model_copy(deep=True)
+    settings.kafka.bootstrap_servers = kafka_bootstrap
+    settings.kafka.scoring_group = f"scoring-{run}"
+    settings.kafka.inversion_group = f"inversion-{run}"
+    settings.kafka.session_timeout_ms = 6000
+    for name in ("frames", "scores", "alerts", "candidates", "negatives", "deadletter"):
+        setattr(settings.topics, name, f"{run}.{getattr(settings.topics, name)}")
+    settings.topics.partitions = 4
+    settings.worker.batch_size = 8
+    settings.worker.batch_timeout_ms = 100
+    ensure_topics(settings)
+    return settings

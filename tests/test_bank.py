@@ -89,3 +89,14 @@ def test_explain_returns_the_closest_negatives_with_labels():
 def test_wrong_dimension_is_refused():
     with pytest.raises(ValueError, match="dimension 4"):
         make_bank().put(InvertedNegative(FIRST_INVERTED_ID, 0.1, "x", 0.0), np.ones(4))
+
+
+def test_offer_with_a_stable_id_is_idempotent():
+    bank = make_bank(capacity=3)
+    v = unit_rows(1, 11)[0]
+    first = bank.offer(v, 0.4, "frame-9", id=FIRST_INVERTED_ID + 99)
+    again = bank.offer(unit_rows(1, 12)[0], 0.9, "frame-9", id=FIRST_INVERTED_ID + 99)
+    assert first.accepted and first.id == FIRST_INVERTED_ID + 99
+    assert not again.accepted and again.reason == "already in the bank"
+    assert len(bank.entries) == 1
+    np.testing.assert_allclose(bank.matrix()[-1], v, atol=1e-7)

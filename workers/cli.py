@@ -33,16 +33,9 @@ def _say(message: str) -> None:
 
 
 def _load_bundle_and_model(bundle_dir: Path, settings: Settings):
-    """The bundle's own model (device and precision from the current settings), checked against it."""
-    from pipeline.bundle import load_bundle, read_manifest
-    from pipeline.model import load_model
-    from schemas.settings import ModelSettings
+    from pipeline.bundle import load_bundle_with_model
 
-    manifest = read_manifest(bundle_dir)
-    model_settings = ModelSettings(**manifest["settings"]["model"])
-    model_settings.device, model_settings.precision = settings.model.device, settings.model.precision
-    loaded = load_model(model_settings)
-    return load_bundle(bundle_dir, model_id=loaded.model_id), loaded
+    return load_bundle_with_model(bundle_dir, settings.model.device, settings.model.precision)
 
 
 @app.command()
@@ -249,6 +242,100 @@ def simulate(
     paths = write_simulation(SimulationParams(seed=seed), out, _settings())
     for path in paths:
         _say(f"wrote {path}")
+
+
+def _worker_settings(bundle: Path | None, bootstrap: str | None, http_port: int | None) -> Settings:
+    settings = _settings()
+    if bundle is not None:
+        settings.worker.bundle = bundle
+    if bootstrap is not None:
+        settings.kafka.bootstrap_servers = bootstrap
+    if http_port is not None:
+        settings.worker.http_port = http_port
+    return settings
+
+
+BundleOption = Annotated[Optional[Path], typer.Option(help="detector bundle (default INTERNEG_WORKER__BUNDLE)")]
+BootstrapOption = Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (default INTERNEG_KAFKA__BOOTSTRAP_SERVERS)")]
+PortOption = Annotated[Optional[int], typer.Option(help="port of /metrics /healthz /readyz /status (0: a free one)")]
+
+
+@app.command()
+def topics(bootstrap: BootstrapOption = None) -> None:
+    """Create the topics (idempotent) with their partitions, compaction, retention and size limits."""
+    from workers.topics import ensure_topics
+
+    for name, action in ensure_topics(_worker_settings(None, bootstrap, None)).items():
+        typer.echo(f"{name}: {action}")
+
+
+@app.command("score-worker")
+def score_worker(bundle: BundleOption = None, bootstrap: BootstrapOption = None, http_port: PortOption = None) -> int:
+    """Run a scoring worker: frames -> scores, alerts, candidates (stops cleanly on SIGTERM)."""
+    from workers.scoring_worker import run_scoring_worker
+
+    return run_scoring_worker(_worker_settings(bundle, bootstrap, http_port))
+
+
+@app.command("invert-worker")
+def invert_worker(bundle: BundleOption = None, bootstrap: BootstrapOption = None, http_port: PortOption = None) -> int:
+    """Run an inversion worker: candidates -> inverted negatives on the compacted topic."""
+    from workers.inversion_worker import run_inversion_worker
+
+    return run_inversion_worker(_worker_settings(bundle, bootstrap, http_port))
+
+
+@app.command("produce")
+def produce_command(
+    sources: Annotated[list[Path], typer.Argument(help="image files, folders of images, or video files")],
+    rate: Annotated[Optional[float], typer.Option(help="frames per second (default: as fast as possible)")] = None,
+    camera: Annotated[str, typer.Option(help="camera id: the record key and the camera-id header")] = "camera-0",
+    loop: Annotated[int, typer.Option(help="passes over the sources; 0 repeats until --limit or Ctrl-C")] = 1,
+    limit: Annotated[Optional[int], typer.Option(help="stop after this many frames")] = None,
+    validate: Annotated[bool, typer.Option(help="skip (and count) files that are not images")] = True,
+    bootstrap: BootstrapOption = None,
+) -> int:
+    """Send images or video frames to the frames topic with the documented headers."""
+    from workers.producer import produce
+
+    report = produce(_worker_settings(None, bootstrap, None), sources, rate=rate, camera_id=camera, loop=loop, limit=limit, validate=validate)
+    for skipped in report.skipped:
+        _say(f"skipped {skipped.source}: {skipped.reason}: {skipped.detail}")
+    typer.echo(report.summary())
+    return 0
+
+
+@app.command("tail")
+def tail_command(
+    topic: Annotated[Optional[str], typer.Option(help="topic to read (default: the alerts topic)")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="start at the oldest record instead of now")] = False,
+    max_records: Annotated[Optional[int], typer.Option(help="stop after this many")] = None,
+    idle_timeout: Annotated[Optional[float], typer.Option(help="stop after this many seconds without a record")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+    bootstrap: BootstrapOption = None,
+) -> int:
+    """Print alerts as they arrive."""
+    from workers.tail import tail
+
+    tail(_worker_settings(None, bootstrap, None), topic=topic, from_beginning=from_beginning, max_records=max_records, timeout_s=idle_timeout, as_json=as_json)
+    return 0
+
+
+@app.command("local-run")
+def local_run_command(
+    classes: Annotated[Optional[Path], typer.Option(help="class folder (one sub-folder of examples per class) or class list")] = None,
+    frames: Annotated[Optional[Path], typer.Option(help="folder (or video) of frames to stream")] = None,
+    out: Annotated[Path, typer.Option(help="working folder: broker data, bundle, logs")] = Path("runs/local"),
+    bootstrap: BootstrapOption = None,
+    rate: Annotated[Optional[float], typer.Option(help="frames per second to stream")] = None,
+) -> int:
+    """The whole loop here: broker, topics, bundle, a scoring and an inversion worker, a stream, a summary."""
+    from workers.local_run import SAMPLES, local_run
+
+    return local_run(
+        _settings(), classes=classes or SAMPLES / "classes", frames=frames or SAMPLES / "frames",
+        out=out, bootstrap=bootstrap, rate=rate, echo=typer.echo,
+    )
 
 
 @app.command()

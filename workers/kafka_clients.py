@@ -1,0 +1,74 @@
+"""Kafka client construction: one place for connection, security and size settings."""
+from __future__ import annotations
+
+import time
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+from schemas.settings import KafkaSettings
+
+
+def connection_options(kafka: KafkaSettings) -> dict:
+    """Options every client shares: brokers, client id, SSL/SASL pass-through."""
+    options = {
+        "bootstrap_servers": kafka.bootstrap_servers.split(","),
+        "client_id": kafka.client_id,
+        "security_protocol": kafka.security_protocol,
+        "request_timeout_ms": kafka.request_timeout_ms,
+    }
+    optional = {
+        "sasl_mechanism": kafka.sasl_mechanism,
+        "sasl_plain_username": kafka.sasl_plain_username,
+        "sasl_plain_password": kafka.sasl_plain_password,
+        "ssl_cafile": kafka.ssl_cafile,
+        "ssl_certfile": kafka.ssl_certfile,
+        "ssl_keyfile": kafka.ssl_keyfile,
+    }
+    options.update({k: v for k, v in optional.items() if v is not None})
+    return options
+
+
+def make_producer(kafka: KafkaSettings, **extra) -> KafkaProducer:
+    """acks=all with idempotence: an acknowledged record is durable and never written twice by one producer session."""
+    options = {
+        "acks": "all",
+        "enable_idempotence": True,
+        "max_request_size": kafka.max_message_bytes,
+        "linger_ms": 5,
+        "retries": 5,
+        **extra,
+    }
+    return KafkaProducer(**connection_options(kafka), **options)
+
+
+def make_consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **extra) -> KafkaConsumer:
+    options = {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_bytes": max(kafka.max_message_bytes, 52428800),
+        "max_partition_fetch_bytes": kafka.max_message_bytes,
+        "session_timeout_ms": kafka.session_timeout_ms,
+        "heartbeat_interval_ms": max(1000, kafka.session_timeout_ms // 3),
+        "max_poll_interval_ms": kafka.max_poll_interval_ms,
+        **extra,
+    }
+    consumer = KafkaConsumer(**connection_options(kafka), **options)
+    if topics:
+        # Subscribe only once the topics' metadata is known: a group leader that assigns
+        # before it has seen the partitions hands out nothing (kafka-python logs
+        # "No partition metadata") and the group sits idle until the next rebalance.
+        deadline = time.monotonic() + kafka.request_timeout_ms / 1000
+        missing = [t for t in topics if not consumer.partitions_for_topic(t)]
+        while missing and time.monotonic() < deadline:
+            time.sleep(0.2)
+            missing = [t for t in missing if not consumer.partitions_for_topic(t)]
+        if missing:
+            consumer.close()
+            raise RuntimeError(f"topics {', '.join(missing)} do not exist (run 'interneg topics' first)")
+        consumer.subscribe(list(topics))
+    return consumer
+
+
+def make_admin(kafka: KafkaSettings) -> KafkaAdminClient:
+    return KafkaAdminClient(**connection_options(kafka))

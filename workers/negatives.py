@@ -1,0 +1,114 @@
+"""The negative bank across many workers: the compacted ``ood.negatives`` topic.
+
+The inversion worker publishes each admitted negative keyed by its id and a tombstone
+for each eviction; every worker follows the topic from the beginning (no consumer
+group) and applies records to its own bank between batches. Ranking by (deviation, id)
+makes every replica that has applied the same records hold the identical bank.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+
+from kafka import TopicPartition
+
+from pipeline.bank import FIRST_INVERTED_ID, InvertedNegative, NegativeBank
+from schemas.messages import NegativeRecord, Vector
+from schemas.settings import KafkaSettings
+from workers.delivery import Output
+from workers.kafka_clients import make_consumer
+
+
+def negative_id(origin: str) -> int:
+    """A stable id per origin frame: a redelivered candidate maps to the same negative."""
+    return FIRST_INVERTED_ID + int.from_bytes(hashlib.sha256(origin.encode()).digest()[:6], "big")
+
+
+def negative_output(topic: str, entry: InvertedNegative, vector, model_id: str) -> Output:
+    record = NegativeRecord(
+        id=entry.id,
+        vector=Vector.from_numpy(vector, model_id),
+        deviation=entry.deviation,
+        origin=entry.origin,
+        created=entry.created,
+        nearest_words=list(entry.nearest_words),
+    )
+    return Output(topic, str(entry.id).encode(), record.to_bytes())
+
+
+def tombstone_output(topic: str, negative: int) -> Output:
+    return Output(topic, str(negative).encode(), None)
+
+
+class NegativeFollower:
+    """Applies the negatives topic to a bank; ``catch_up`` reads to the end before a worker is ready."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, bank: NegativeBank, model_id: str, log=None):
+        self.bank = bank
+        self.model_id = model_id
+        self.log = log
+        self.rejected = 0
+        self.applied = 0
+        self.seen_ids: set[int] = set()  # every id put or tombstoned, still known after eviction
+        self.last_applied_at: float | None = None
+        self.consumer = make_consumer(kafka, group_id=None, isolation_level="read_committed")
+        self.partitions = [TopicPartition(topic, p) for p in sorted(self._partitions(topic))]
+        self.consumer.assign(self.partitions)
+        self.consumer.seek_to_beginning(*self.partitions)
+
+    def _partitions(self, topic: str, timeout_s: float = 30.0) -> set[int]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            partitions = self.consumer.partitions_for_topic(topic)
+            if partitions:
+                return partitions
+            time.sleep(0.2)
+        raise RuntimeError(f"topic {topic} does not exist (run 'interneg topics' first)")
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        try:
+            negative = int(key.decode())
+            self.seen_ids.add(negative)
+            if value is None:
+                self.bank.remove(negative)
+            else:
+                record = NegativeRecord.from_bytes(value)
+                if record.id != negative:
+                    raise ValueError(f"key {negative} carries record {record.id}")
+                vector = record.vector.to_numpy(model_id=self.model_id, dim=self.bank.dim)
+                entry = InvertedNegative(record.id, record.deviation, record.origin, record.created, tuple(record.nearest_words))
+                self.bank.put(entry, vector)
+            self.applied += 1
+            self.last_applied_at = time.time()
+        except (ValueError, AttributeError) as exc:  # a malformed or foreign record never reaches the bank
+            self.rejected += 1
+            if self.log is not None:
+                self.log.warning("negative record rejected", key=repr(key)[:80], error=str(exc)[:300])
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Apply whatever has arrived; returns the number of records applied or rejected."""
+        count = 0
+        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+            for r in records:
+                self.apply(r.key, r.value)
+                count += 1
+        return count
+
+    def lag(self) -> int:
+        ends = self.consumer.end_offsets(self.partitions)
+        return sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in self.partitions)
+
+    def catch_up(self, timeout_s: float = 300.0, beat=lambda: None) -> int:
+        """Read until the positions reach the end offsets taken now (``beat`` keeps liveness fresh)."""
+        ends = self.consumer.end_offsets(self.partitions)
+        deadline = time.monotonic() + timeout_s
+        count = 0
+        while any(self.consumer.position(tp) < ends[tp] for tp in self.partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"negatives topic not read to its end within {timeout_s} s")
+            count += self.poll(timeout_ms=200)
+            beat()
+        return count
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)

@@ -1,0 +1,152 @@
+"""What every worker process shares: bundle and model, ops endpoints, the negatives
+follower, signals, and the batch loop of :mod:`workers.delivery` around its ``handle``."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from pipeline.bank import NegativeBank
+from pipeline.bundle import load_bundle_with_model
+from schemas.settings import Settings
+from workers.delivery import BatchLoop, BatchStats, Output, dead_letter
+from workers.kafka_clients import make_consumer, make_producer
+from workers.negatives import NegativeFollower
+from workers.ops import OpsServer, WorkerMetrics, configure_logging, get_logger
+
+LAG_EVERY_S = 5.0
+
+
+class BundleWorker(ABC):
+    role: str
+
+    def __init__(self, settings: Settings):
+        if settings.worker.bundle is None:
+            raise ValueError(f"the {self.role} worker needs a bundle: set INTERNEG_WORKER__BUNDLE or --bundle")
+        self.settings = settings
+        self.name = settings.worker.name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+        self.log = get_logger(self.role).bind(worker=self.name)
+        self.stop_event = threading.Event()
+        self.bundle, self.loaded = load_bundle_with_model(settings.worker.bundle, settings.model.device, settings.model.precision)
+        self.metrics = WorkerMetrics(self.role)
+        self.ops = OpsServer(self.metrics, settings.worker.http_host, settings.worker.http_port, self.status)
+        self.bank: NegativeBank | None = None  # a subclass that follows ood.negatives sets it
+        self.follower: NegativeFollower | None = None
+        self.consumer = None
+        self.batches = 0
+        self._lag_checked = 0.0
+
+    # --- what a worker defines -------------------------------------------------------------
+    @abstractmethod
+    def handle(self, records: list[ConsumerRecord]) -> list[Output]: ...
+
+    @abstractmethod
+    def input(self) -> tuple[str, str, int]:
+        """(topic, consumer group, batch size)."""
+
+    def counters(self) -> dict:
+        """Extra fields of /status and of the per-batch log line."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the subclass holds."""
+
+    # --- shared --------------------------------------------------------------------------
+    def status(self) -> dict:
+        bank = self.bank
+        return {
+            "worker": self.name,
+            "role": self.role,
+            "model_id": self.loaded.model_id,
+            "batches": self.batches,
+            **self.counters(),
+            "bank_size": len(bank.entries) if bank is not None else 0,
+            "bank_version": bank.version if bank is not None else 0,
+            "bank_digest": bank.digest() if bank is not None else "",
+            "bank_ids": bank.ranked_ids() if bank is not None else [],
+        }
+
+    def reject(self, record: ConsumerRecord, reason: str, detail: str) -> Output:
+        self.metrics.deadletters.labels(reason=reason).inc()
+        self.log.info("dead-lettered", reason=reason, detail=detail[:200], topic=record.topic, partition=record.partition, offset=record.offset)
+        return dead_letter(self.settings.topics.deadletter, record, reason, detail, self.name)
+
+    def _bank_metrics(self) -> None:
+        self.metrics.bank_size.set(len(self.bank.entries))
+        self.metrics.bank_version.set(self.bank.version)
+
+    def between_batches(self) -> None:
+        self.ops.beat()
+        if self.follower is not None and self.follower.poll():
+            self._bank_metrics()
+
+    def on_batch(self, stats: BatchStats) -> None:
+        self.batches += 1
+        self.metrics.batch_seconds.observe(stats.seconds)
+        bank = {"bank_size": len(self.bank.entries), "bank_version": self.bank.version} if self.bank is not None else {}
+        rate = round(stats.records / stats.seconds, 1) if stats.seconds else None
+        self.log.info("batch", records=stats.records, outputs=stats.outputs, seconds=round(stats.seconds, 4),
+                      records_per_s=rate, committed=stats.committed, **bank, **self.counters())
+        if time.monotonic() - self._lag_checked > LAG_EVERY_S:
+            self._lag_checked = time.monotonic()
+            self._record_lag()
+
+    def _record_lag(self) -> None:
+        assignment = list(self.consumer.assignment())
+        if assignment:
+            ends = self.consumer.end_offsets(assignment)
+            for tp in assignment:
+                lag = max(0, ends[tp] - self.consumer.position(tp))
+                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
+    def serve(self) -> None:
+        """Catch up with the negatives, report ready, run batches until SIGTERM, drain, stop."""
+        s = self.settings
+        topic, group, batch_size = self.input()
+        self.ops.start()
+        self.log.info("starting", http_port=self.ops.port, model_id=self.loaded.model_id, bundle=str(s.worker.bundle), input=topic)
+        try:
+            if self.bank is not None:
+                self.follower = NegativeFollower(s.kafka, s.topics.negatives, self.bank, self.loaded.model_id, self.log)
+                applied = self.follower.catch_up(beat=self.ops.beat)
+                self._bank_metrics()
+                self.log.info("negatives caught up", records=applied, bank_size=len(self.bank.entries), digest=self.bank.digest()[:16])
+            self.consumer = make_consumer(s.kafka, topic, group_id=group)
+            loop = BatchLoop(
+                self.consumer,
+                make_producer(s.kafka),
+                self.handle,
+                batch_size=batch_size,
+                batch_timeout_ms=s.worker.batch_timeout_ms,
+                should_stop=self.stop_event.is_set,
+                between_batches=self.between_batches,
+                on_batch=self.on_batch,
+                log=self.log,
+            )
+            self.ops.set_ready(True)
+            loop.run()
+        finally:
+            self.ops.set_ready(False, reason="stopping")
+            if self.follower is not None:
+                self.follower.close()
+            self.close()
+            self.ops.stop()
+            self.log.info("stopped", batches=self.batches, **self.counters())
+
+    @classmethod
+    def main(cls, settings: Settings) -> int:
+        configure_logging()
+        worker = cls(settings)
+
+        def stop(signum, _frame):  # finish and commit the batch in flight, then leave the group
+            worker.stop_event.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        worker.serve()
+        return 0

@@ -8,7 +8,7 @@ ArrayLike = np.ndarray | torch.Tensor
 
 
 def as_tensor(x: ArrayLike, name: str, *, ndim: int = 2) -> torch.Tensor:
-    """A float32 CPU tensor, checked for shape and finiteness (one clear error otherwise)."""
+    """A float32 tensor (on the input tensor's device; CPU for numpy), checked for shape and finiteness."""
     t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     if t.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {tuple(t.shape)}")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.preprocess import draft_for
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -19,8 +21,12 @@ class ImageRejected(ValueError):
         self.detail = detail
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB PIL image, checking size before the pixels are decoded."""
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
+    """Bytes -> RGB PIL image, checking size before the pixels are decoded.
+
+    With ``draft_short_side``, a JPEG is decoded at the smallest DCT scale that keeps its
+    shortest side at least that long (see :mod:`pipeline.preprocess`).
+    """
     if len(data) == 0:
         raise ImageRejected("empty", "zero bytes")
     if len(data) > max_bytes:
@@ -32,7 +38,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected("too-many-pixels", f"{width}x{height} > limit {max_pixels} pixels")
-            image.draft("RGB", (width, height))
+            if draft_short_side is not None:
+                draft_for(image, draft_short_side)
             return image.convert("RGB")
     except ImageRejected:
         raise

@@ -47,7 +47,7 @@ class AdaptStats:
 def _id_prediction(id_logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     probs = torch.softmax(id_logits, dim=1)
     top = probs.max(dim=1)
-    return top.indices.numpy(), top.values.numpy()
+    return top.indices.cpu().numpy(), top.values.cpu().numpy()
 
 
 class Scorer(ABC):
@@ -81,8 +81,9 @@ class MCMScorer(Scorer):
         self.id_text = as_tensor(id_text_emb, "id_text_emb")
         self.temperature = temperature
 
-    def score(self, image_emb: np.ndarray) -> Scores:
-        cos = as_tensor(image_emb, "image_emb") @ self.id_text.T
+    def score(self, image_emb) -> Scores:
+        images = as_tensor(image_emb, "image_emb")
+        cos = images @ self.id_text.to(images.device).T
         id_class, id_prob = _id_prediction(cos / self.temperature)
         return Scores(score=id_prob.copy(), id_class=id_class, id_prob=id_prob)
 
@@ -98,13 +99,23 @@ class NegLabelScorer(Scorer):
         self.scale = scale
         self.groups = groups
         self.seed = seed
+        self._resident_key = None
 
-    def score(self, image_emb: np.ndarray) -> Scores:
+    def _matrices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """ID texts and negatives on the images' device, copied again only when the bank changes."""
+        key = (device, self.bank.version)
+        if self._resident_key != key:
+            self._resident = (self.id_text.to(device), torch.from_numpy(self.bank.matrix()).to(device))
+            self._resident_key = key
+        return self._resident
+
+    def score(self, image_emb) -> Scores:
         images = as_tensor(image_emb, "image_emb")
-        id_logits = self.scale * images @ self.id_text.T
-        neg_logits = self.scale * images @ torch.from_numpy(self.bank.matrix()).T
+        id_text, negatives = self._matrices(images.device)
+        id_logits = self.scale * images @ id_text.T
+        neg_logits = self.scale * images @ negatives.T
         id_class, id_prob = _id_prediction(id_logits)
-        score = grouped_logits_score(id_logits, neg_logits, self.groups, self.seed).numpy()
+        score = grouped_logits_score(id_logits, neg_logits, self.groups, self.seed).cpu().numpy()
         return Scores(score=score, id_class=id_class, id_prob=id_prob)
 
     def explain(self, image_emb: np.ndarray, k: int) -> list[list[tuple[str, float]]]:

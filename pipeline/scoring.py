@@ -29,7 +29,7 @@ def group_permutation(num_negatives: int, groups: int, seed: int = 0) -> torch.T
 
 def grouped_logits_score(id_logits: torch.Tensor, neg_logits: torch.Tensor, groups: int, seed: int = 0) -> torch.Tensor:
     """S(x) = mean_g Σ_k e^{z_k} / (Σ_k e^{z_k} + Σ_{j∈g} e^{z_j}), from logits."""
-    index = group_permutation(neg_logits.shape[1], groups, seed).to(neg_logits.device)
+    index = group_permutation(neg_logits.shape[1], groups, seed).to(neg_logits.device)  # tiny; cheap to rebuild
     id_lse = torch.logsumexp(id_logits, dim=1)  # (B,)
     group_lse = torch.logsumexp(neg_logits[:, index], dim=2)  # (B, G)
     log_s = id_lse[:, None] - torch.logaddexp(id_lse[:, None], group_lse)

@@ -111,6 +111,7 @@ class WorkerSettings(BaseModel):
     batch_size: int = Field(32, gt=0, description="frames per batch, at most")
     batch_timeout_ms: int = Field(200, gt=0, description="a batch closes after this long even if not full")
     decode_threads: int = Field(2, gt=0)
+    gpu_decode: bool = Field(True, description="decode JPEG frames with nvJPEG when the model runs on a GPU")
     http_host: str = "127.0.0.1"
     http_port: int = Field(0, ge=0, description="metrics and health endpoints; 0 picks a free port")
     name: str = Field("", description="worker name in logs and records; default host-pid")

@@ -18,8 +18,9 @@ can de-duplicate):
 | rebalance while a batch is in flight           | its commit is refused (CommitFailedError, logged); the new |
 |                                                | owner re-processes it: duplicates, no loss                 |
 | bad input record (undecodable, wrong headers)  | a dead-letter output of the same batch, committed with it  |
-| SIGTERM                                        | the batch in flight finishes and commits, then the worker  |
-|                                                | leaves its group                                           |
+| SIGTERM                                        | the batches in flight (at most three: prefetched, handled, |
+|                                                | awaiting acks) finish and commit, then the worker leaves   |
+|                                                | its group                                                  |
 | a batch slower than max.poll.interval.ms       | the worker is evicted; batches are bounded (batch_size)    |
 |                                                | so this needs a setting far below the real batch time      |
 
@@ -29,8 +30,9 @@ heartbeats; only max.poll.interval.ms bounds it (KafkaSettings.max_poll_interval
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -70,12 +72,20 @@ def header(record: ConsumerRecord, name: str) -> bytes | None:
     return None
 
 
-def send_and_confirm(producer: KafkaProducer, outputs: Sequence[Output], timeout_s: float = 60.0) -> None:
-    """Send all outputs and return only when every one is acknowledged; raise otherwise."""
-    futures = [producer.send(o.topic, key=o.key, value=o.value, headers=o.headers) for o in outputs]
-    producer.flush(timeout=timeout_s)
+def send(producer: KafkaProducer, outputs: Sequence[Output]) -> list:
+    return [producer.send(o.topic, key=o.key, value=o.value, headers=o.headers) for o in outputs]
+
+
+def confirm(producer: KafkaProducer, futures: list, timeout_s: float = 60.0) -> None:
+    """Return only when every send is acknowledged; raise the KafkaError of a failed one."""
+    if any(not f.is_done for f in futures):
+        producer.flush(timeout=timeout_s)
     for future in futures:
-        future.get(timeout=timeout_s)  # raises the KafkaError of a failed send
+        future.get(timeout=timeout_s)
+
+
+def send_and_confirm(producer: KafkaProducer, outputs: Sequence[Output], timeout_s: float = 60.0) -> None:
+    confirm(producer, send(producer, outputs), timeout_s)
 
 
 def next_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
@@ -105,22 +115,31 @@ def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int) -> list[Cons
 class BatchStats:
     records: int
     outputs: int
-    seconds: float
+    seconds: float  # the loop's own time on it: wait for prepare, handle, send, confirm, commit
     committed: bool
+    stages: dict[str, float] = field(default_factory=dict)  # seconds: poll, prepare, wait, handle, send, confirm, commit
 
 
 class BatchLoop:
-    """consume -> handle -> send -> confirm -> commit, until ``should_stop()``."""
+    """poll -> [prepare] -> handle -> send -> confirm -> commit, until ``should_stop()``.
+
+    With a ``prepare`` step (decoding, for the scoring worker) the loop overlaps three
+    batches: n+1 is polled and prepared in a background thread and n-1's outputs travel
+    to the broker while n is handled. At most one batch is prefetched and one awaits its
+    acknowledgements, so memory stays flat, and each batch is committed only after all of
+    its own outputs are acknowledged.
+    """
 
     def __init__(
         self,
         consumer: KafkaConsumer,
         producer: KafkaProducer,
-        handle: Callable[[list[ConsumerRecord]], list[Output]],
+        handle: Callable[[list[ConsumerRecord], Any], list[Output]],
         *,
         batch_size: int,
         batch_timeout_ms: int,
         should_stop: Callable[[], bool],
+        prepare: Callable[[list[ConsumerRecord]], Any] | None = None,
         between_batches: Callable[[], None] = lambda: None,
         on_batch: Callable[[BatchStats], None] = lambda stats: None,
         log=None,
@@ -128,6 +147,7 @@ class BatchLoop:
         self.consumer = consumer
         self.producer = producer
         self.handle = handle
+        self.prepare = prepare
         self.batch_size = batch_size
         self.batch_timeout_ms = batch_timeout_ms
         self.should_stop = should_stop
@@ -135,14 +155,30 @@ class BatchLoop:
         self.on_batch = on_batch
         self.log = log
 
-    def run_once(self) -> BatchStats | None:
-        self.between_batches()
-        batch = poll_batch(self.consumer, self.batch_size, self.batch_timeout_ms)
-        if not batch:
-            return None
+    def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float]:
         start = time.perf_counter()
-        outputs = self.handle(batch)
-        send_and_confirm(self.producer, outputs)
+        batch = poll_batch(self.consumer, self.batch_size, timeout_ms)
+        return batch, time.perf_counter() - start
+
+    def _timed_prepare(self, batch: list[ConsumerRecord]) -> tuple[Any, float]:
+        start = time.perf_counter()
+        prepared = self.prepare(batch) if self.prepare is not None else None
+        return prepared, time.perf_counter() - start
+
+    def _handle_and_send(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float]) -> tuple:
+        start = time.perf_counter()
+        outputs = self.handle(batch, prepared)
+        handled = time.perf_counter()
+        futures = send(self.producer, outputs)
+        stages.update(handle=handled - start, send=time.perf_counter() - handled)
+        return batch, outputs, futures, stages, start
+
+    def _confirm_and_commit(self, in_flight: tuple) -> BatchStats:
+        """Wait for every acknowledgement of a batch's outputs, then commit it: the only commit there is."""
+        batch, outputs, futures, stages, start = in_flight
+        waited = time.perf_counter()
+        confirm(self.producer, futures)
+        acked = time.perf_counter()
         committed = True
         try:
             self.consumer.commit(next_offsets(batch))
@@ -150,16 +186,63 @@ class BatchLoop:
             committed = False
             if self.log is not None:
                 self.log.warning("commit refused after rebalance", error=str(exc), records=len(batch))
-        stats = BatchStats(len(batch), len(outputs), time.perf_counter() - start, committed)
+        done = time.perf_counter()
+        stages.update(confirm=acked - waited, commit=done - acked)
+        busy = sum(stages[k] for k in ("wait", "handle", "send", "confirm", "commit"))
+        stats = BatchStats(len(batch), len(outputs), busy, committed, stages)
         self.on_batch(stats)
         return stats
 
+    def _finish(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float]) -> BatchStats:
+        return self._confirm_and_commit(self._handle_and_send(batch, prepared, stages))
+
+    def run_once(self) -> BatchStats | None:
+        """One batch without overlap (what the tests and the inversion worker use)."""
+        self.between_batches()
+        batch, poll_s = self._poll(self.batch_timeout_ms)
+        if not batch:
+            return None
+        prepared, prepare_s = self._timed_prepare(batch)
+        return self._finish(batch, prepared, {"poll": poll_s, "prepare": prepare_s, "wait": 0.0})
+
     def run(self) -> None:
         try:
-            while not self.should_stop():
-                self.run_once()
+            if self.prepare is None:
+                while not self.should_stop():
+                    self.run_once()
+            else:
+                self._run_overlapped()
         finally:
             self.close()
+
+    def _run_overlapped(self) -> None:
+        """A three-stage pipeline: batch n+1 is prepared and batch n-1's acknowledgements
+        arrive while batch n is handled; each batch still commits only after its own acks."""
+        with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
+            pending = None  # polled, being prepared: (batch, future, poll seconds)
+            in_flight = None  # handled and sent, not yet confirmed and committed
+            while True:
+                stopping = self.should_stop()
+                self.between_batches()
+                following = None
+                if not stopping:
+                    # with work in hand, take only what has already arrived: never hold it back
+                    busy = pending is not None or in_flight is not None
+                    batch, poll_s = self._poll(0 if busy else self.batch_timeout_ms)
+                    if batch:
+                        following = (batch, executor.submit(self._timed_prepare, batch), poll_s)
+                sent = None
+                if pending is not None:
+                    batch, future, poll_s = pending
+                    waited = time.perf_counter()
+                    prepared, prepare_s = future.result()
+                    stages = {"poll": poll_s, "prepare": prepare_s, "wait": time.perf_counter() - waited}
+                    sent = self._handle_and_send(batch, prepared, stages)
+                if in_flight is not None:
+                    self._confirm_and_commit(in_flight)
+                in_flight, pending = sent, following
+                if stopping and pending is None and in_flight is None:
+                    return
 
     def close(self) -> None:
         try:

@@ -44,7 +44,7 @@ class InversionWorker(BundleWorker):
     def counters(self) -> dict:
         return {"candidates": self.candidates_seen, "published": self.published}
 
-    def handle(self, records: list[ConsumerRecord]) -> list[Output]:
+    def handle(self, records: list[ConsumerRecord], prepared=None) -> list[Output]:
         topic = self.settings.topics.negatives
         outputs: list[Output] = []
         candidates, vectors = [], []

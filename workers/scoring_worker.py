@@ -6,14 +6,17 @@ never during one, so a batch is scored against one bank version.
 """
 from __future__ import annotations
 
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from kafka.consumer.fetcher import ConsumerRecord
+from PIL import Image
 
 from pipeline.images import ImageRejected, decode_image
+from pipeline.preprocess import BatchPreprocessor, UnsupportedTransform, decode_jpegs_on_device
 from pipeline.scorers import InterNegScorer, scorer_from_bundle
 from schemas.messages import (
     CONTENT_TYPES,
@@ -40,6 +43,17 @@ class FrameRejected(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Prepared:
+    """A batch after decoding: what the encoder needs, and what was refused."""
+
+    frames: list = field(default_factory=list)
+    images: list = field(default_factory=list)
+    batch: torch.Tensor | None = None
+    rejected: list = field(default_factory=list)  # (record, reason, detail)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -95,6 +109,11 @@ class ScoringWorker(BundleWorker):
             self.bank = self.scorer.bank  # followed from ood.negatives
         self.wants_candidates = isinstance(self.scorer, InterNegScorer) and self.bundle.prototypes is not None
         self.pool = ThreadPoolExecutor(settings.worker.decode_threads, thread_name_prefix="decode")
+        try:
+            self.preprocessor = BatchPreprocessor.for_model(self.loaded.model)
+        except UnsupportedTransform:
+            self.preprocessor = None  # the model's own per-image transform
+        self.gpu_decode = settings.worker.gpu_decode and self.loaded.device.type == "cuda" and self.preprocessor is not None
         self.frames_scored = 0
 
     def input(self) -> tuple[str, str, int]:
@@ -107,45 +126,90 @@ class ScoringWorker(BundleWorker):
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
-    # --- one batch ---------------------------------------------------------------------
-    def _prepare(self, frame: Frame) -> torch.Tensor:
+    # --- one batch: prepare (decode threads, overlapped with the previous batch) then handle ---
+    def _decode(self, frame: Frame):
+        """Frame bytes -> uint8 array for the batched transform (or the model's own transform)."""
         images = self.settings.images
-        image = decode_image(frame.record.value, max_bytes=images.max_bytes, max_pixels=images.max_pixels)
-        return self.loaded.preprocess(image)
+        short = self.preprocessor.short_side if self.preprocessor is not None else None
+        image = decode_image(frame.record.value, max_bytes=images.max_bytes, max_pixels=images.max_pixels, draft_short_side=short)
+        return self.preprocessor.to_uint8(image) if self.preprocessor is not None else self.loaded.preprocess(image)
 
-    def handle(self, records: list[ConsumerRecord]) -> list[Output]:
-        t = self.settings.topics
+    def _decode_safely(self, frame: Frame):
+        try:
+            return self._decode(frame)
+        except ImageRejected as exc:
+            return exc
+
+    def prepare(self, records: list[ConsumerRecord]) -> Prepared:
         start = time.perf_counter()
-        outputs: list[Output] = []
+        prepared = Prepared()
         frames: list[Frame] = []
         for record in records:
             try:
                 frames.append(parse_frame(record))
             except FrameRejected as exc:
-                outputs.append(self._reject_frame(record, exc.reason, exc.detail))
-        tensors, kept = [], []
+                prepared.rejected.append((record, exc.reason, exc.detail))
+        if self.gpu_decode and frames and self._prepare_on_gpu(frames, prepared):
+            prepared.seconds = time.perf_counter() - start
+            return prepared
         for frame, result in zip(frames, self.pool.map(self._decode_safely, frames)):
             if isinstance(result, ImageRejected):
-                outputs.append(self._reject_frame(frame.record, result.reason, result.detail))
+                prepared.rejected.append((frame.record, result.reason, result.detail))
             else:
-                tensors.append(result)
-                kept.append(frame)
-        decoded = time.perf_counter()
+                prepared.images.append(result)
+                prepared.frames.append(frame)
+        if prepared.images:
+            prepared.batch = (
+                self.preprocessor.batch(prepared.images, self.loaded.device)
+                if self.preprocessor is not None
+                else torch.stack(prepared.images)
+            )
+        prepared.seconds = time.perf_counter() - start
+        return prepared
+
+    def _prepare_on_gpu(self, frames: list[Frame], prepared: Prepared) -> bool:
+        """nvJPEG for a batch of JPEGs within the limits; False sends the batch down the CPU path."""
+        images = self.settings.images
+        for frame in frames:
+            data = frame.record.value
+            if not data.startswith(b"\xff\xd8") or len(data) > images.max_bytes:
+                return False
+            try:
+                width, height = Image.open(io.BytesIO(data)).size  # the header only
+            except Exception:  # noqa: BLE001 - the CPU path names the problem
+                return False
+            if width * height > images.max_pixels:
+                return False
+        try:
+            prepared.batch = decode_jpegs_on_device([f.record.value for f in frames], self.preprocessor, self.loaded.device)
+        except RuntimeError:  # a corrupt body: let the CPU path find which frame
+            return False
+        prepared.frames.extend(frames)
+        return True
+
+    def handle(self, records: list[ConsumerRecord], prepared: Prepared | None = None) -> list[Output]:
+        prepared = prepared if prepared is not None else self.prepare(records)
+        t = self.settings.topics
+        outputs = [self._reject_frame(record, reason, detail) for record, reason, detail in prepared.rejected]
+        kept = prepared.frames
         if not kept:
             return outputs
-        emb = self.loaded.encode_images(torch.stack(tensors)).cpu().numpy()
+        decoded = time.perf_counter()
+        emb_device = self.loaded.encode_images(prepared.batch)  # stays on the GPU for the score
         encoded = time.perf_counter()
-        result = self.scorer.score(emb)
+        result = self.scorer.score(emb_device)
+        emb = emb_device.cpu().numpy()
         explanations = self.scorer.explain(emb, self.settings.method.explain_top)
         scored = time.perf_counter()
         n = len(kept)
         timings = Timings(
-            decode_ms=1000 * (decoded - start) / n,
+            decode_ms=1000 * prepared.seconds / n,
             encode_ms=1000 * (encoded - decoded) / n,
             score_ms=1000 * (scored - encoded) / n,
-            batch_ms=1000 * (scored - start),
+            batch_ms=1000 * (scored - decoded + prepared.seconds),
             batch_size=n,
         )
+        self.stage_seconds = {"encode": encoded - decoded, "score": scored - encoded}
         threshold = self.settings.method.threshold
         now_ms = int(time.time() * 1000)
         bank_size = len(self.bank.entries) if self.bank is not None else 0
@@ -198,11 +262,6 @@ class ScoringWorker(BundleWorker):
         self.metrics.frames.labels(outcome="deadletter").inc()
         return self.reject(record, reason, detail)
 
-    def _decode_safely(self, frame: Frame):
-        try:
-            return self._prepare(frame)
-        except ImageRejected as exc:
-            return exc
 
 
 def run_scoring_worker(settings: Settings) -> int:

@@ -39,11 +39,14 @@ class BundleWorker(ABC):
         self.follower: NegativeFollower | None = None
         self.consumer = None
         self.batches = 0
+        self.stage_seconds: dict[str, float] = {}  # stages inside handle, set by the subclass
         self._lag_checked = 0.0
 
     # --- what a worker defines -------------------------------------------------------------
+    prepare = None  # optional: a step run ahead, overlapped with the previous batch (see BatchLoop)
+
     @abstractmethod
-    def handle(self, records: list[ConsumerRecord]) -> list[Output]: ...
+    def handle(self, records: list[ConsumerRecord], prepared=None) -> list[Output]: ...
 
     @abstractmethod
     def input(self) -> tuple[str, str, int]:
@@ -90,8 +93,9 @@ class BundleWorker(ABC):
         self.metrics.batch_seconds.observe(stats.seconds)
         bank = {"bank_size": len(self.bank.entries), "bank_version": self.bank.version} if self.bank is not None else {}
         rate = round(stats.records / stats.seconds, 1) if stats.seconds else None
+        stages = {k: round(v, 5) for k, v in {**stats.stages, **self.stage_seconds}.items()}
         self.log.info("batch", records=stats.records, outputs=stats.outputs, seconds=round(stats.seconds, 4),
-                      records_per_s=rate, committed=stats.committed, **bank, **self.counters())
+                      records_per_s=rate, committed=stats.committed, stages=stages, **bank, **self.counters())
         if time.monotonic() - self._lag_checked > LAG_EVERY_S:
             self._lag_checked = time.monotonic()
             self._record_lag()
@@ -121,6 +125,7 @@ class BundleWorker(ABC):
                 self.consumer,
                 make_producer(s.kafka),
                 self.handle,
+                prepare=self.prepare,
                 batch_size=batch_size,
                 batch_timeout_ms=s.worker.batch_timeout_ms,
                 should_stop=self.stop_event.is_set,

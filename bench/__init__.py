@@ -1,0 +1,1 @@
+"""Benchmarks that print comparable ratios (not part of the installed package)."""

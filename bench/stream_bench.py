@@ -1,0 +1,255 @@
+"""Benchmarks through the real broker: the scoring worker against the encoder's limit.
+
+Each function starts what it measures (a local broker from deploy/kafka, worker
+processes) and stops it. Numbers are medians with their spread; every ratio compares two
+figures measured in the same run on the same machine.
+"""
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from kafka import TopicPartition
+from PIL import Image
+
+from schemas.messages import H_CAMERA_ID, H_CONTENT_TYPE, H_FRAME_ID, H_TS, FrameScore
+from schemas.settings import Settings
+from workers.kafka_clients import make_consumer, make_producer
+from workers.local_run import SAMPLES, Broker
+from workers.processes import WorkerProcess
+from workers.topics import ensure_topics
+
+# per batch, seconds; prepare (decode) runs in a thread beside the loop, wait is the loop
+# blocked on it; handle includes encode and score; confirm waits for acknowledgements
+STAGES = ("poll", "prepare", "wait", "handle", "encode", "score", "send", "confirm", "commit")
+
+
+def sample_frames(count: int, size=(640, 480), quality: int = 85) -> list[bytes]:
+    """Real photographs (deploy/samples/frames) as 640x480 JPEGs, cycled to ``count``."""
+    sources = sorted((SAMPLES / "frames").glob("*.jpg"))
+    encoded = []
+    for path in sources:
+        image = Image.open(path).convert("RGB").resize(size, Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        encoded.append(buffer.getvalue())
+    return [encoded[i % len(encoded)] for i in range(count)]
+
+
+def spread(values: list[float]) -> dict:
+    v = sorted(values)
+    if not v:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "n": len(v)}
+
+
+def percentiles(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "n": int(a.size)} if a.size else {"n": 0}
+
+
+class Deployment:
+    """A broker (started here unless given), fresh topics, and helpers to drive workers."""
+
+    def __init__(self, settings: Settings, workdir: Path, bootstrap: str | None = None):
+        self.workdir = Path(workdir)
+        self.broker = None if bootstrap else Broker(self.workdir / f"kafka-{uuid.uuid4().hex[:6]}")
+        self.settings = settings.model_copy(deep=True)
+        self.bootstrap = bootstrap
+        self.workers: list[WorkerProcess] = []
+
+    def __enter__(self) -> "Deployment":
+        self.settings.kafka.bootstrap_servers = self.bootstrap or self.broker.start()
+        return self
+
+    def fresh_topics(self) -> Settings:
+        run = uuid.uuid4().hex[:6]
+        s = self.settings.model_copy(deep=True)
+        for name in ("frames", "scores", "alerts", "candidates", "negatives", "deadletter"):
+            setattr(s.topics, name, f"bench-{run}.{getattr(self.settings.topics, name)}")
+        s.kafka.scoring_group = f"bench-scoring-{run}"
+        s.kafka.inversion_group = f"bench-inversion-{run}"
+        ensure_topics(s)
+        return s
+
+    def start(self, command: str, settings: Settings, name: str) -> WorkerProcess:
+        worker = WorkerProcess(command, settings, self.workdir / "logs" / f"{name}.log", {"INTERNEG_WORKER__NAME": name})
+        self.workers.append(worker)
+        worker.wait_ready(timeout_s=600)
+        return worker
+
+    def __exit__(self, *exc) -> None:
+        for worker in self.workers:
+            worker.terminate()
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def fill_frames(settings: Settings, frames: list[bytes], camera: str = "bench") -> None:
+    producer = make_producer(settings.kafka)
+    for i, data in enumerate(frames):
+        headers = [(H_FRAME_ID, f"{camera}-{i}".encode()), (H_CAMERA_ID, camera.encode()),
+                   (H_TS, str(int(time.time() * 1000)).encode()), (H_CONTENT_TYPE, b"image/jpeg")]
+        producer.send(settings.topics.frames, key=camera.encode(), value=data, headers=headers)
+    producer.flush()
+    producer.close()
+
+
+class CommitWatcher:
+    """Reads the scoring group's committed offsets on the frames topic (without joining the group)."""
+
+    def __init__(self, settings: Settings):
+        self.consumer = make_consumer(settings.kafka, group_id=settings.kafka.scoring_group)
+        topic = settings.topics.frames
+        self.partitions = [TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic)]
+
+    def committed(self) -> int:
+        return sum(self.consumer.committed(tp) or 0 for tp in self.partitions)
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+def batch_lines(worker: WorkerProcess) -> list[dict]:
+    lines = []
+    for line in worker.log_path.read_text(errors="replace").splitlines():
+        if '"event": "batch"' in line:
+            lines.append(json.loads(line))
+    return lines
+
+
+def worker_throughput(deployment: Deployment, *, frames: int, batch_size: int, repeats: int = 3) -> dict:
+    """Frames/s of one scoring worker, frames topic -> committed scores, on a pre-filled topic."""
+    runs, stage_ms = [], {k: [] for k in STAGES}
+    data = sample_frames(frames)
+    for repeat in range(repeats):
+        s = deployment.fresh_topics()
+        s.worker.batch_size = batch_size
+        fill_frames(s, data)
+        watcher = CommitWatcher(s)
+        worker = deployment.start("score-worker", s, f"throughput-{batch_size}-{repeat}")
+        start = time.monotonic()
+        while watcher.committed() < frames:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+        watcher.close()
+        worker.terminate()
+        lines = batch_lines(worker)
+        steady = lines[1:] or lines  # the first batch pays for warm-up
+        n = sum(line["records"] for line in steady)
+        for k in STAGES:
+            stage_ms[k].append(1000 * sum(line["stages"].get(k, 0.0) for line in steady) / max(n, 1))
+        busy = sum(line["seconds"] + line["stages"].get("poll", 0.0) for line in steady)
+        runs.append({"wall_fps": frames / elapsed, "steady_fps": n / busy if busy else float("nan")})
+    return {
+        "frames": frames,
+        "batch_size": batch_size,
+        "wall_fps": spread([r["wall_fps"] for r in runs]),
+        "steady_fps": spread([r["steady_fps"] for r in runs]),
+        "stage_ms_per_frame": {k: spread(v) for k, v in stage_ms.items()},
+    }
+
+
+def alert_latency(deployment: Deployment, *, rate: float, seconds: float, batch_size: int, rss_every_s: float = 10.0) -> dict:
+    """Frame produced -> alert readable, at a fixed rate; with the worker's RSS over the run."""
+    s = deployment.fresh_topics()
+    s.worker.batch_size = batch_size
+    worker = deployment.start("score-worker", s, f"latency-{int(rate)}")
+    producer = make_producer(s.kafka, linger_ms=0)
+    consumer = make_consumer(s.kafka, group_id=None, isolation_level="read_committed")
+    partitions = [TopicPartition(s.topics.alerts, p) for p in consumer.partitions_for_topic(s.topics.alerts)]
+    consumer.assign(partitions)
+    consumer.seek_to_end(*partitions)
+    data = sample_frames(16)
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    rss: list[tuple[float, int]] = []
+    start = time.monotonic()
+    next_at, next_rss, i = start, start, 0
+    while time.monotonic() - start < seconds:
+        now = time.monotonic()
+        if now >= next_at:
+            frame_id = f"lat-{i}"
+            headers = [(H_FRAME_ID, frame_id.encode()), (H_CAMERA_ID, b"bench"), (H_TS, str(int(time.time() * 1000)).encode()),
+                       (H_CONTENT_TYPE, b"image/jpeg")]
+            producer.send(s.topics.frames, key=b"bench", value=data[i % len(data)], headers=headers)
+            sent_at[frame_id] = time.monotonic()
+            i += 1
+            next_at += 1.0 / rate
+        if now >= next_rss:
+            rss.append((now - start, _rss_kib(worker.process.pid)))
+            next_rss += rss_every_s
+        for records in consumer.poll(timeout_ms=5).values():
+            arrived = time.monotonic()
+            for r in records:
+                alert = FrameScore.from_bytes(r.value)
+                if alert.frame_id in sent_at:
+                    latencies.append(arrived - sent_at[alert.frame_id])
+    producer.close()
+    consumer.close()
+    worker.terminate()
+    warm = [kib for t, kib in rss if t >= min(60.0, seconds / 4)] or [kib for _, kib in rss]
+    return {
+        "rate_fps": rate,
+        "seconds": seconds,
+        "sent": i,
+        "alerts_received": len(latencies),
+        "latency_s": percentiles(latencies),
+        "rss_kib": {"after_warmup": warm[0] if warm else None, "end": warm[-1] if warm else None,
+                    "growth_pct": 100 * (warm[-1] - warm[0]) / warm[0] if len(warm) > 1 else None,
+                    "samples": rss},
+    }
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def propagation(deployment: Deployment, *, negatives: int, workers: int, rate: float, batch_size: int) -> dict:
+    """Time from publishing an inverted negative to it being applied in every scoring worker."""
+    from pipeline.bank import FIRST_INVERTED_ID
+    from schemas.messages import NegativeRecord, Vector
+
+    s = deployment.fresh_topics()
+    s.worker.batch_size = batch_size
+    scorers = [deployment.start("score-worker", s, f"propagation-{k}") for k in range(workers)]
+    model_id = scorers[0].status()["model_id"]
+    dim = _bundle_dim(s)
+    producer = make_producer(s.kafka, linger_ms=0)
+    data = sample_frames(8)
+    rng = np.random.default_rng(0)
+    delays = []
+    for n in range(negatives):
+        v = rng.normal(size=dim).astype(np.float32)
+        v /= np.linalg.norm(v)
+        negative = FIRST_INVERTED_ID + 10_000 + n
+        record = NegativeRecord(id=negative, vector=Vector.from_numpy(v, model_id), deviation=float(rng.random()), origin=f"bench-{n}", created=time.time())
+        published = time.monotonic()
+        producer.send(s.topics.negatives, key=str(negative).encode(), value=record.to_bytes()).get(timeout=30)
+        pending = set(range(workers))
+        next_frame = time.monotonic()
+        while pending and time.monotonic() - published < 30:
+            if time.monotonic() >= next_frame:  # a steady stream: updates are applied between batches
+                producer.send(s.topics.frames, key=b"bench", value=data[n % len(data)],
+                              headers=[(H_FRAME_ID, f"p{n}-{time.monotonic_ns()}".encode()), (H_CONTENT_TYPE, b"image/jpeg")])
+                next_frame += 1.0 / rate
+            for k in list(pending):
+                if negative in scorers[k].status().get("bank_ids", []):
+                    pending.discard(k)
+            time.sleep(0.01)
+        delays.append(time.monotonic() - published if not pending else float("inf"))
+    producer.close()
+    return {"negatives": negatives, "workers": workers, "stream_rate_fps": rate, "batch_size": batch_size,
+            "batch_timeout_ms": s.worker.batch_timeout_ms, "delay_s": percentiles(delays)}
+
+
+def _bundle_dim(settings: Settings) -> int:
+    return int(json.loads((Path(settings.worker.bundle) / "manifest.json").read_text())["embed_dim"])

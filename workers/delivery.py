@@ -15,8 +15,9 @@ can de-duplicate):
 | worker dies after some outputs, before commit  | the batch is redelivered: those outputs appear twice       |
 | an output is not acknowledged                  | no commit; the loop raises and the worker exits non-zero;  |
 |                                                | the batch is redelivered to the group                      |
-| rebalance while a batch is in flight           | its commit is refused (CommitFailedError, logged); the new |
-|                                                | owner re-processes it: duplicates, no loss                 |
+| rebalance while a batch is in flight           | its commit is refused (CommitFailedError or                |
+|                                                | RebalanceInProgressError, logged); the new owner           |
+|                                                | re-processes it: duplicates, no loss                       |
 | bad input record (undecodable, wrong headers)  | a dead-letter output of the same batch, committed with it  |
 | SIGTERM                                        | the batches in flight (at most three: prefetched, handled, |
 |                                                | awaiting acks) finish and commit, then the worker leaves   |
@@ -36,12 +37,19 @@ from typing import Any, Callable, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, IllegalGenerationError, KafkaError, RebalanceInProgressError, UnknownMemberIdError
 from kafka.structs import OffsetAndMetadata
 
 from schemas.messages import H_DL_DETAIL, H_DL_OFFSET, H_DL_PARTITION, H_DL_REASON, H_DL_TOPIC, H_DL_WORKER
 
 Headers = list[tuple[str, bytes]]
+
+# A commit refused because the group is rebalancing or this member left it. Nothing is
+# lost: the next owner of the partitions starts from the last committed offset (and
+# redoes the batch: duplicates), or this member keeps them and its next commit covers it.
+BUSY_POLL_MS = 20
+
+COMMIT_REFUSED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 
 
 @dataclass(frozen=True)
@@ -98,17 +106,19 @@ def next_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, Offs
 
 
 def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int) -> list[ConsumerRecord]:
-    """Up to ``size`` records, returning early when ``timeout_ms`` has passed since the first poll."""
+    """Up to ``size`` records, returning early when ``timeout_ms`` has passed since the first poll.
+
+    It polls at least once, so ``timeout_ms=0`` takes what has already arrived.
+    """
     deadline = time.monotonic() + timeout_ms / 1000
     batch: list[ConsumerRecord] = []
-    while len(batch) < size:
-        remaining = int((deadline - time.monotonic()) * 1000)
-        if remaining <= 0:
-            break
+    while True:
+        remaining = max(0, int((deadline - time.monotonic()) * 1000))
         polled = consumer.poll(timeout_ms=remaining, max_records=size - len(batch))
         for records in polled.values():
             batch.extend(records)
-    return batch
+        if len(batch) >= size or remaining == 0:
+            return batch
 
 
 @dataclass
@@ -182,7 +192,7 @@ class BatchLoop:
         committed = True
         try:
             self.consumer.commit(next_offsets(batch))
-        except CommitFailedError as exc:  # partitions moved to another member: it redoes the batch
+        except COMMIT_REFUSED as exc:  # a rebalance: the batch is redone by whoever owns it next
             committed = False
             if self.log is not None:
                 self.log.warning("commit refused after rebalance", error=str(exc), records=len(batch))
@@ -226,9 +236,11 @@ class BatchLoop:
                 self.between_batches()
                 following = None
                 if not stopping:
-                    # with work in hand, take only what has already arrived: never hold it back
+                    # With work in hand, wait only briefly for more. Not zero: kafka-python
+                    # completes a group rejoin only inside a poll that may wait, and a member
+                    # that never waits keeps a joining member from getting partitions.
                     busy = pending is not None or in_flight is not None
-                    batch, poll_s = self._poll(0 if busy else self.batch_timeout_ms)
+                    batch, poll_s = self._poll(min(BUSY_POLL_MS, self.batch_timeout_ms) if busy else self.batch_timeout_ms)
                     if batch:
                         following = (batch, executor.submit(self._timed_prepare, batch), poll_s)
                 sent = None

@@ -47,7 +47,7 @@ Headers = list[tuple[str, bytes]]
 # A commit refused because the group is rebalancing or this member left it. Nothing is
 # lost: the next owner of the partitions starts from the last committed offset (and
 # redoes the batch: duplicates), or this member keeps them and its next commit covers it.
-BUSY_POLL_MS = 20
+BUSY_POLL_MS = 100
 
 COMMIT_REFUSED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 
@@ -236,9 +236,10 @@ class BatchLoop:
                 self.between_batches()
                 following = None
                 if not stopping:
-                    # With work in hand, wait only briefly for more. Not zero: kafka-python
-                    # completes a group rejoin only inside a poll that may wait, and a member
-                    # that never waits keeps a joining member from getting partitions.
+                    # With work in hand, wait only briefly for more (under load records are
+                    # already buffered and return at once). Not zero or a few ms: kafka-python
+                    # completes a group rejoin inside a poll that may wait; with 20 ms polls a
+                    # busy member never rejoined and kept consuming with refused commits.
                     busy = pending is not None or in_flight is not None
                     batch, poll_s = self._poll(min(BUSY_POLL_MS, self.batch_timeout_ms) if busy else self.batch_timeout_ms)
                     if batch:

@@ -24,9 +24,10 @@ from workers.local_run import SAMPLES, Broker
 from workers.processes import WorkerProcess
 from workers.topics import ensure_topics
 
-# per batch, seconds; prepare (decode) runs in a thread beside the loop, wait is the loop
-# blocked on it; handle includes encode and score; confirm waits for acknowledgements
-STAGES = ("poll", "prepare", "wait", "handle", "encode", "score", "send", "confirm", "commit")
+# per batch, seconds: decode (in handle, or ahead in a thread as "prepare" when it can
+# overlap; "wait" is the loop blocked on it), encode and score (inside handle), send,
+# confirm (waiting for acknowledgements), commit
+STAGES = ("poll", "decode", "prepare", "wait", "handle", "encode", "score", "send", "confirm", "commit")
 
 
 def sample_frames(count: int, size=(640, 480), quality: int = 85) -> list[bytes]:
@@ -78,6 +79,7 @@ class Deployment:
         return s
 
     def start(self, command: str, settings: Settings, name: str) -> WorkerProcess:
+        name = f"{settings.model.name}-{name}-{uuid.uuid4().hex[:4]}"  # a fresh log per worker, never appended to
         worker = WorkerProcess(command, settings, self.workdir / "logs" / f"{name}.log", {"INTERNEG_WORKER__NAME": name})
         self.workers.append(worker)
         worker.wait_ready(timeout_s=600)

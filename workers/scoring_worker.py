@@ -140,7 +140,11 @@ class ScoringWorker(BundleWorker):
         except ImageRejected as exc:
             return exc
 
-    def prepare(self, records: list[ConsumerRecord]) -> Prepared:
+    def prepare_ahead(self, records: list[ConsumerRecord]) -> Prepared:
+        """The decode step the batch loop runs ahead, overlapped with encoding (see BatchLoop)."""
+        return self.decode_batch(records)
+
+    def decode_batch(self, records: list[ConsumerRecord]) -> Prepared:
         start = time.perf_counter()
         prepared = Prepared()
         frames: list[Frame] = []
@@ -188,7 +192,7 @@ class ScoringWorker(BundleWorker):
         return True
 
     def handle(self, records: list[ConsumerRecord], prepared: Prepared | None = None) -> list[Output]:
-        prepared = prepared if prepared is not None else self.prepare(records)
+        prepared = prepared if prepared is not None else self.decode_batch(records)
         t = self.settings.topics
         outputs = [self._reject_frame(record, reason, detail) for record, reason, detail in prepared.rejected]
         kept = prepared.frames
@@ -209,7 +213,7 @@ class ScoringWorker(BundleWorker):
             batch_ms=1000 * (scored - decoded + prepared.seconds),
             batch_size=n,
         )
-        self.stage_seconds = {"encode": encoded - decoded, "score": scored - encoded}
+        self.stage_seconds = {"decode": prepared.seconds, "encode": encoded - decoded, "score": scored - encoded}
         threshold = self.settings.method.threshold
         now_ms = int(time.time() * 1000)
         bank_size = len(self.bank.entries) if self.bank is not None else 0

@@ -43,7 +43,7 @@ class BundleWorker(ABC):
         self._lag_checked = 0.0
 
     # --- what a worker defines -------------------------------------------------------------
-    prepare = None  # optional: a step run ahead, overlapped with the previous batch (see BatchLoop)
+    prepare_ahead = None  # optional: a step run ahead, overlapped with the previous batch (see BatchLoop)
 
     @abstractmethod
     def handle(self, records: list[ConsumerRecord], prepared=None) -> list[Output]: ...
@@ -125,7 +125,7 @@ class BundleWorker(ABC):
                 self.consumer,
                 make_producer(s.kafka),
                 self.handle,
-                prepare=self.prepare,
+                prepare=self.prepare_ahead,
                 batch_size=batch_size,
                 batch_timeout_ms=s.worker.batch_timeout_ms,
                 should_stop=self.stop_event.is_set,

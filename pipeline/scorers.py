@@ -17,7 +17,7 @@ from pipeline.arrays import as_tensor
 from pipeline.bank import NegativeBank
 from pipeline.inversion import Inverter
 from pipeline.scoring import grouped_logits_score
-from pipeline.selection import deviation
+from pipeline.selection import base_similarity, deviation
 
 
 @dataclass
@@ -147,7 +147,7 @@ class InterNegScorer(NegLabelScorer):
         self.beta = beta
         self.prototypes = prototypes
         self.inverter = inverter if prototypes is not None else None
-        self.base = None if prototypes is None else np.einsum("kd,kd->k", self.id_text.double().numpy(), prototypes.astype(np.float64))
+        self.base = None if prototypes is None else base_similarity(self.id_text, prototypes)
 
     @property
     def adapts(self) -> bool:

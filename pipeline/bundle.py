@@ -7,7 +7,6 @@ made with another model than the one it will be used with.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,8 +18,9 @@ import numpy as np
 from pipeline.bank import NegativeBank
 from pipeline.classes import ID_PROMPT, MCM_PROMPT, IdClasses, compute_prototypes, load_classes
 from pipeline.lexicon import Lexicon, cached_text_embeddings, load_lexicon
+from pipeline.model import file_sha256, load_model
 from pipeline.selection import base_similarity, select_intermodal, select_neglabel
-from schemas.settings import Settings
+from schemas.settings import ModelSettings, Settings
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -142,10 +142,6 @@ def prepare_bundle(loaded, classes_source: Path, settings: Settings) -> Bundle:
     return bundle
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_bundle(bundle: Bundle, out_dir: Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +177,7 @@ def save_bundle(bundle: Bundle, out_dir: Path) -> Path:
         "extras": sorted(bundle.extras),
         "info": bundle.info,
         "settings": bundle.settings,
-        "files": {name: _sha256(out / name) for name in sorted(files)},
+        "files": {name: file_sha256(out / name) for name in sorted(files)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return out
@@ -202,9 +198,6 @@ def read_manifest(path: Path) -> dict:
 
 def load_bundle_with_model(path: Path, device: str = "auto", precision: str = "auto"):
     """The bundle and the model it was prepared with (device and precision may differ)."""
-    from pipeline.model import load_model
-    from schemas.settings import ModelSettings
-
     recorded = read_manifest(path)["settings"]["model"]
     loaded = load_model(ModelSettings(**{**recorded, "device": device, "precision": precision}))
     return load_bundle(path, model_id=loaded.model_id), loaded
@@ -223,7 +216,7 @@ def load_bundle(path: Path, *, model_id: str | None = None) -> Bundle:
         file = path / name
         if not file.is_file():
             raise BundleError(f"{file}: missing from the bundle")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise BundleError(f"{file}: content does not match the manifest's sha256 (modified or corrupt)")
 
     def array(name: str) -> np.ndarray:

@@ -42,10 +42,16 @@ class InvertedNegative:
 
 @dataclass(frozen=True)
 class Decision:
-    accepted: bool
+    """What ``offer`` did; ``outcome`` is for counting, ``reason`` for people."""
+
+    outcome: str  # admitted | not_finite | already_in_bank | duplicate | below_bound
     reason: str
     id: int | None = None
     evicted: tuple[int, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome == "admitted"
 
 
 @dataclass
@@ -170,17 +176,17 @@ class NegativeBank:
         """
         vec = normalize_rows(np.asarray(vector, dtype=np.float32).reshape(1, -1))
         if not np.isfinite(vec).all() or not np.isfinite(deviation):
-            return Decision(False, "not finite")
+            return Decision("not_finite", "not finite")
         if id is not None and id in self.entries:
-            return Decision(False, "already in the bank", id)
+            return Decision("already_in_bank", "already in the bank", id)
         sims, ids = self.nearest(vec, 1)
         if ids.shape[1] and ids[0, 0] >= 0 and sims[0, 0] >= self.dedup_cos:
-            return Decision(False, f"near-duplicate of {self.label(int(ids[0, 0]))} (cos {sims[0, 0]:.3f})")
+            return Decision("duplicate", f"near-duplicate of {self.label(int(ids[0, 0]))} (cos {sims[0, 0]:.3f})")
         ranked = self.ranked_ids()
         if len(ranked) >= self.capacity:
             weakest = ranked[-1]
             if deviation <= self.entries[weakest].deviation:
-                return Decision(False, "ranks below the bank's bound")
+                return Decision("below_bound", "ranks below the bank's bound")
         entry = InvertedNegative(
             id=self._next_id if id is None else id,
             deviation=float(deviation),
@@ -192,7 +198,7 @@ class NegativeBank:
         evicted = tuple(self.ranked_ids()[self.capacity :])
         for negative_id in evicted:
             self.remove(negative_id)
-        return Decision(True, "admitted", entry.id, evicted)
+        return Decision("admitted", "admitted", entry.id, evicted)
 
     def _changed(self) -> None:
         self._matrix = None

@@ -69,10 +69,6 @@ class Scorer(ABC):
     def apply(self, proposals: Sequence[Proposal], stats: AdaptStats | None = None) -> int:
         return 0
 
-    @property
-    def bank_version(self) -> int:
-        return 0
-
 
 class MCMScorer(Scorer):
     name = "mcm"
@@ -120,10 +116,6 @@ class NegLabelScorer(Scorer):
 
     def explain(self, image_emb: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         return self.bank.explain(image_emb, k)
-
-    @property
-    def bank_version(self) -> int:
-        return self.bank.version
 
 
 class InterNegScorer(NegLabelScorer):
@@ -177,8 +169,7 @@ class InterNegScorer(NegLabelScorer):
             decision = self.bank.offer(proposal.vector, proposal.deviation, proposal.origin)
             admitted += decision.accepted
             if stats is not None and not decision.accepted:
-                key = decision.reason.split(" of ")[0].split(" (")[0]
-                stats.refused[key] = stats.refused.get(key, 0) + 1
+                stats.refused[decision.outcome] = stats.refused.get(decision.outcome, 0) + 1
         if stats is not None:
             stats.admitted += admitted
         return admitted

@@ -73,11 +73,9 @@ class InversionWorker(BundleWorker):
             decision = self.bank.offer(
                 inverted[j], float(dev.degree[j]), candidate.frame_id, id=negative_id(candidate.frame_id), created=time.time()
             )
+            self.metrics.inverted.labels(outcome=decision.outcome).inc()
             if not decision.accepted:
-                outcome = "duplicate" if "duplicate" in decision.reason or "already" in decision.reason else "below_bound"
-                self.metrics.inverted.labels(outcome=outcome).inc()
                 continue
-            self.metrics.inverted.labels(outcome="admitted").inc()
             self.follower.seen_ids.add(decision.id)
             entry = self.bank.entries[decision.id]
             outputs.append(negative_output(topic, entry, self.bank.vector(decision.id), self.loaded.model_id))

@@ -137,7 +137,7 @@ class WorkerMetrics:
             self.frames.labels(outcome=outcome)
         for kind in ("negative", "tombstone"):
             self.negatives_published.labels(kind=kind)
-        for outcome in ("admitted", "inadmissible", "duplicate", "below_bound"):
+        for outcome in ("admitted", "inadmissible", "duplicate", "already_in_bank", "below_bound", "not_finite"):
             self.inverted.labels(outcome=outcome)
 
     def exposition(self) -> bytes:

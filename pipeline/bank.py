@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import faiss
@@ -78,6 +79,7 @@ class NegativeBank:
             self._static_index.add(self.static_vectors)
         self._next_id = FIRST_INVERTED_ID
         self._matrix: np.ndarray | None = None
+        self._sha256: str | None = None
 
     # --- reading -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -202,30 +204,49 @@ class NegativeBank:
 
     def _changed(self) -> None:
         self._matrix = None
+        self._sha256 = None
         self.version += 1
 
     # --- persistence ---------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        """One .npz, no pickle: vectors, provenance as JSON, and the FAISS index bytes."""
+    def to_bytes(self) -> bytes:
+        """The bank as one .npz, no pickle, and canonical: banks with equal contents give
+        equal bytes however they got there (put/remove order, compaction, replay), so a
+        replica can prove it holds the same bank by a hash. Hence no change counter, fixed
+        zip timestamps, and a FAISS index rebuilt in rank order rather than the live one
+        (whose layout depends on its history of removals)."""
         ranked = self.ranked_ids()
         meta = {
             "format": FORMAT_VERSION,
             "capacity": self.capacity,
             "dedup_cos": self.dedup_cos,
-            "version": self.version,
             "static_words": self.static_words,
             "entries": [asdict(self.entries[i]) for i in ranked],
         }
         inverted = np.stack([self._vectors[i] for i in ranked]) if ranked else np.zeros((0, self.dim), np.float32)
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        index.add_with_ids(self.static_vectors, np.arange(len(self.static_vectors), dtype=np.int64))
+        index.add_with_ids(inverted, np.asarray(ranked, dtype=np.int64))
+        arrays = {
+            "meta": np.array(json.dumps(meta, sort_keys=True)),
+            "static_vectors": self.static_vectors,
+            "inverted_vectors": inverted,
+            "faiss_index": faiss.serialize_index(index),
+        }
         buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            meta=np.array(json.dumps(meta)),
-            static_vectors=self.static_vectors,
-            inverted_vectors=inverted,
-            faiss_index=faiss.serialize_index(self._index),
-        )
-        Path(path).write_bytes(buffer.getvalue())
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for name, array in arrays.items():
+                with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+        return buffer.getvalue()
+
+    def sha256(self) -> str:
+        """Hash of :meth:`to_bytes`: equal hashes, byte-identical banks."""
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self.to_bytes()).hexdigest()
+        return self._sha256
+
+    def save(self, path: Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
 
     @classmethod
     def load(cls, path: Path) -> "NegativeBank":
@@ -245,6 +266,5 @@ class NegativeBank:
             stored = faiss.deserialize_index(data["faiss_index"])
         if stored.ntotal != bank._index.ntotal:
             raise ValueError(f"{path}: FAISS index holds {stored.ntotal} vectors, the bank {bank._index.ntotal}")
-        bank.version = int(meta["version"])
         return bank
 

@@ -71,9 +71,29 @@ def test_save_load_round_trip(tmp_path):
     again = NegativeBank.load(tmp_path / "bank.npz")
     assert again.digest() == bank.digest()
     assert again.entries == bank.entries
-    assert again.version == bank.version
+    assert again.to_bytes() == bank.to_bytes()
     # ids keep counting after a reload
     assert again.offer(unit_rows(1, 5)[0], 0.9, "new").id == FIRST_INVERTED_ID + 3
+
+
+def test_equal_banks_serialise_to_identical_bytes_whatever_their_history(tmp_path):
+    vecs = unit_rows(6, 11)
+    entries = [InvertedNegative(FIRST_INVERTED_ID + i, 0.1 * (i + 1), f"f{i}", 5.0 + i, ("alpha",)) for i in range(6)]
+    live = make_bank(capacity=3)  # what an inversion worker holds: puts with evictions along the way
+    for e, v in zip(entries, vecs):
+        live.put(e, v)
+        for evicted in live.ranked_ids()[3:]:
+            live.remove(evicted)
+    replayed = make_bank(capacity=3)  # a fresh replica after compaction: only the survivors, in another order
+    for i in (5, 3, 4):
+        replayed.put(entries[i], vecs[i])
+    assert live.version != replayed.version
+    assert live.to_bytes() == replayed.to_bytes()
+    assert live.sha256() == replayed.sha256()
+    replayed.remove(FIRST_INVERTED_ID + 4)
+    assert live.sha256() != replayed.sha256()  # the cached hash follows changes
+    live.save(tmp_path / "a.npz")
+    assert NegativeBank.load(tmp_path / "a.npz").sha256() == live.sha256()
 
 
 def test_explain_returns_the_closest_negatives_with_labels():

@@ -104,6 +104,9 @@ class KafkaSettings(BaseModel):
     request_timeout_ms: int = 30000
     session_timeout_ms: int = 10000
     max_poll_interval_ms: int = Field(300000, description="a batch must finish within this, or the worker leaves its group")
+    transaction_timeout_ms: int = Field(
+        30000, gt=0, description="exactly-once mode: the broker aborts a dead worker's open transaction after this"
+    )
 
 
 class WorkerSettings(BaseModel):
@@ -116,6 +119,11 @@ class WorkerSettings(BaseModel):
     http_port: int = Field(0, ge=0, description="metrics and health endpoints; 0 picks a free port")
     name: str = Field("", description="worker name in logs and records; default host-pid")
     inversion_batch_size: int = Field(16, gt=0)
+    exactly_once: bool = Field(
+        False,
+        description="consume-score-produce in Kafka transactions; readers use isolation_level=read_committed. "
+        "Give each worker a stable name: its transactional id is derived from it",
+    )
 
 
 class Settings(BaseSettings):

@@ -22,11 +22,34 @@ can de-duplicate):
 | SIGTERM                                        | the batches in flight (at most three: prefetched, handled, |
 |                                                | awaiting acks) finish and commit, then the worker leaves   |
 |                                                | its group                                                  |
+| broker or coordinator unreachable at commit    | the commit is retried for COMMIT_RETRY_S, then skipped     |
+| (a broker restart)                             | (logged): the next commit covers the batch, or it is redone|
+| sends while the broker is away                 | retried by the producer until delivery_timeout_ms (120 s)  |
 | a batch slower than max.poll.interval.ms       | the worker is evicted; batches are bounded (batch_size)    |
 |                                                | so this needs a setting far below the real batch time      |
 
 kafka-python 3 heartbeats from a background thread, so a long batch does not miss
 heartbeats; only max.poll.interval.ms bounds it (KafkaSettings.max_poll_interval_ms).
+
+Exactly-once mode (``WorkerSettings.exactly_once``): each batch is one Kafka transaction
+holding its outputs and its input offsets (``send_offsets_to_transaction`` with the
+consumer's group metadata, so the broker fences a member that lost its partitions).
+Readers with isolation_level=read_committed see a batch's outputs exactly once or not at
+all. Batches are then handled and committed one at a time (decoding of the next batch
+still overlaps); the failure table becomes:
+
+| failure                                        | result                                                     |
+|------------------------------------------------|------------------------------------------------------------|
+| worker dies before its commit_transaction      | the transaction is aborted (by the restarted worker's      |
+|                                                | init_transactions, or after transaction_timeout_ms): its   |
+|                                                | outputs are never visible to read_committed readers; the   |
+|                                                | batch is redone from the committed offsets                 |
+| the transaction cannot commit (rebalance:      | it is aborted, the consumer rewinds to the batch's first   |
+| stale generation; broker errors)               | offsets and the prefetched batch is dropped: both are      |
+|                                                | polled again (if this member still owns them) or redone by |
+|                                                | the new owner                                              |
+| another producer took over the transactional   | ProducerFencedError: the worker exits non-zero (a zombie   |
+| id (a second worker started with the same name)| must not keep writing)                                     |
 """
 from __future__ import annotations
 
@@ -37,7 +60,14 @@ from typing import Any, Callable, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, IllegalGenerationError, KafkaError, RebalanceInProgressError, UnknownMemberIdError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    ProducerFencedError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from schemas.messages import H_DL_DETAIL, H_DL_OFFSET, H_DL_PARTITION, H_DL_REASON, H_DL_TOPIC, H_DL_WORKER
@@ -50,6 +80,10 @@ Headers = list[tuple[str, bytes]]
 BUSY_POLL_MS = 100
 
 COMMIT_REFUSED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
+# How long a commit is retried while the broker or group coordinator is unreachable. After
+# that the loop goes on uncommitted: the next batch's commit covers these offsets too, or
+# whoever owns the partitions next redoes the batch (duplicates, no loss).
+COMMIT_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +139,15 @@ def next_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, Offs
     return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in highest.items()}
 
 
+def first_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, int]:
+    """The lowest offset per partition: where to seek back to redo ``records``."""
+    lowest: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        lowest[tp] = min(lowest.get(tp, r.offset), r.offset)
+    return lowest
+
+
 def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int) -> list[ConsumerRecord]:
     """Up to ``size`` records, returning early when ``timeout_ms`` has passed since the first poll.
 
@@ -138,6 +181,10 @@ class BatchLoop:
     to the broker while n is handled. At most one batch is prefetched and one awaits its
     acknowledgements, so memory stays flat, and each batch is committed only after all of
     its own outputs are acknowledged.
+
+    ``transactional=True`` is the exactly-once mode (see the module's second table): the
+    producer must carry a transactional id, and each batch is committed in its own
+    transaction before the next one is handled.
     """
 
     def __init__(
@@ -153,6 +200,8 @@ class BatchLoop:
         between_batches: Callable[[], None] = lambda: None,
         on_batch: Callable[[BatchStats], None] = lambda stats: None,
         log=None,
+        transactional: bool = False,
+        on_abort: Callable[[], None] = lambda: None,
     ):
         self.consumer = consumer
         self.producer = producer
@@ -164,6 +213,8 @@ class BatchLoop:
         self.between_batches = between_batches
         self.on_batch = on_batch
         self.log = log
+        self.transactional = transactional
+        self.on_abort = on_abort  # after an aborted transaction: undo what handle changed in the worker
 
     def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float]:
         start = time.perf_counter()
@@ -179,6 +230,8 @@ class BatchLoop:
         start = time.perf_counter()
         outputs = self.handle(batch, prepared)
         handled = time.perf_counter()
+        if self.transactional:
+            self.producer.begin_transaction()
         futures = send(self.producer, outputs)
         stages.update(handle=handled - start, send=time.perf_counter() - handled)
         return batch, outputs, futures, stages, start
@@ -187,21 +240,61 @@ class BatchLoop:
         """Wait for every acknowledgement of a batch's outputs, then commit it: the only commit there is."""
         batch, outputs, futures, stages, start = in_flight
         waited = time.perf_counter()
-        confirm(self.producer, futures)
-        acked = time.perf_counter()
-        committed = True
-        try:
-            self.consumer.commit(next_offsets(batch))
-        except COMMIT_REFUSED as exc:  # a rebalance: the batch is redone by whoever owns it next
-            committed = False
-            if self.log is not None:
-                self.log.warning("commit refused after rebalance", error=str(exc), records=len(batch))
+        if self.transactional:
+            committed = self._commit_transaction(batch, futures)
+            acked = waited
+        else:
+            confirm(self.producer, futures)
+            acked = time.perf_counter()
+            committed = self._commit_offsets(batch)
         done = time.perf_counter()
         stages.update(confirm=acked - waited, commit=done - acked)
         busy = sum(stages[k] for k in ("wait", "handle", "send", "confirm", "commit"))
         stats = BatchStats(len(batch), len(outputs), busy, committed, stages)
         self.on_batch(stats)
         return stats
+
+    def _commit_offsets(self, batch: list[ConsumerRecord]) -> bool:
+        deadline = time.monotonic() + COMMIT_RETRY_S
+        while True:
+            try:
+                self.consumer.commit(next_offsets(batch))
+                return True
+            except COMMIT_REFUSED as exc:  # a rebalance: the batch is redone by whoever owns it next
+                if self.log is not None:
+                    self.log.warning("commit refused after rebalance", error=str(exc), records=len(batch))
+                return False
+            except KafkaError as exc:
+                if not exc.retriable:  # connection refused, coordinator unknown, timeouts are retriable
+                    raise
+                if time.monotonic() > deadline:
+                    if self.log is not None:
+                        self.log.warning("commit skipped: broker unreachable", error=str(exc), records=len(batch))
+                    return False
+                time.sleep(0.5)
+
+    def _commit_transaction(self, batch: list[ConsumerRecord], futures: list) -> bool:
+        """Outputs and input offsets in one transaction; False if it was aborted instead."""
+        try:
+            confirm(self.producer, futures)
+            self.producer.send_offsets_to_transaction(next_offsets(batch), self.consumer.group_metadata())
+            self.producer.commit_transaction()
+            return True
+        except ProducerFencedError:
+            raise
+        except KafkaError as exc:
+            if self.log is not None:
+                self.log.warning("transaction aborted", error=f"{type(exc).__name__}: {exc}", records=len(batch))
+            self.producer.abort_transaction()  # raises if the producer is in a fatal state: the worker exits
+            return False
+
+    def _rewind(self, records: Sequence[ConsumerRecord]) -> None:
+        """After an aborted transaction: poll ``records`` again where this member still owns them."""
+        owned = self.consumer.assignment()
+        for tp, offset in first_offsets(records).items():
+            if tp in owned:
+                self.consumer.seek(tp, offset)
+        self.on_abort()
 
     def _finish(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float]) -> BatchStats:
         return self._confirm_and_commit(self._handle_and_send(batch, prepared, stages))
@@ -213,10 +306,15 @@ class BatchLoop:
         if not batch:
             return None
         prepared, prepare_s = self._timed_prepare(batch)
-        return self._finish(batch, prepared, {"poll": poll_s, "prepare": prepare_s, "wait": 0.0})
+        stats = self._finish(batch, prepared, {"poll": poll_s, "prepare": prepare_s, "wait": 0.0})
+        if self.transactional and not stats.committed:
+            self._rewind(batch)
+        return stats
 
     def run(self) -> None:
         try:
+            if self.transactional:
+                self.producer.init_transactions()  # aborts what a dead predecessor with this id left open
             if self.prepare is None:
                 while not self.should_stop():
                     self.run_once()
@@ -251,6 +349,11 @@ class BatchLoop:
                     prepared, prepare_s = future.result()
                     stages = {"poll": poll_s, "prepare": prepare_s, "wait": time.perf_counter() - waited}
                     sent = self._handle_and_send(batch, prepared, stages)
+                    if self.transactional:  # one transaction at a time: commit before the next batch
+                        if not self._confirm_and_commit(sent).committed:
+                            self._rewind(batch + (following[0] if following else []))
+                            following = None  # dropped: polled again from the rewound positions
+                        sent = None
                 if in_flight is not None:
                     self._confirm_and_commit(in_flight)
                 in_flight, pending = sent, following

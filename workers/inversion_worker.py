@@ -46,7 +46,7 @@ class InversionWorker(BundleWorker):
 
     def handle(self, records: list[ConsumerRecord], prepared=None) -> list[Output]:
         topic = self.settings.topics.negatives
-        outputs: list[Output] = []
+        outputs = self.restore_bound()
         candidates, vectors = [], []
         for record in records:
             try:
@@ -87,6 +87,23 @@ class InversionWorker(BundleWorker):
         self.candidates_seen += len(candidates)  # last, so a reader of status sees a finished batch
         return outputs
 
+    def restore_bound(self) -> list[Output]:
+        """Tombstones for whatever ranks below the bound: a predecessor killed between
+        publishing a negative and the tombstone of what it evicted leaves one too many."""
+        excess = self.bank.ranked_ids()[self.bank.capacity :]
+        for negative in excess:
+            self.bank.remove(negative)
+            self.metrics.negatives_published.labels(kind="tombstone").inc()
+            self.log.info("bound restored", evicted=negative)
+        return [tombstone_output(self.settings.topics.negatives, negative) for negative in excess]
+
+    def on_abort(self) -> None:
+        """An aborted transaction took this batch's negatives with it, but ``handle`` had
+        already put them in the bank: rebuild the bank from what the topic really holds."""
+        self.bank.reset()
+        self.follower.restart()
+        self.follower.catch_up(beat=self.ops.beat)
+        self._bank_metrics()
 
 
 def run_inversion_worker(settings: Settings) -> int:

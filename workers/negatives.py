@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Callable
+
+import numpy as np
 
 from kafka import TopicPartition
 
 from pipeline.bank import FIRST_INVERTED_ID, InvertedNegative, NegativeBank
+from pipeline.selection import deviation
 from schemas.messages import NegativeRecord, Vector
 from schemas.settings import KafkaSettings
 from workers.delivery import Output
@@ -22,6 +26,23 @@ from workers.kafka_clients import make_consumer
 def negative_id(origin: str) -> int:
     """A stable id per origin frame: a redelivered candidate maps to the same negative."""
     return FIRST_INVERTED_ID + int.from_bytes(hashlib.sha256(origin.encode()).digest()[:6], "big")
+
+
+def inadmissible_to(bundle) -> Callable[[np.ndarray], str | None] | None:
+    """METHOD §2's admissibility test against a bundle's ID prototypes, as a follower's ``refuse``.
+
+    None for a bundle made from a class list: it has no prototypes to test against.
+    """
+    if bundle.prototypes is None:
+        return None
+    prototypes, base = bundle.prototypes, bundle.base_similarity
+
+    def refuse(vector: np.ndarray) -> str | None:
+        if deviation(vector.reshape(1, -1), prototypes, base).admissible[0]:
+            return None
+        return "as close to an ID prototype as that class's own text is (METHOD §2)"
+
+    return refuse
 
 
 def negative_output(topic: str, entry: InvertedNegative, vector, model_id: str) -> Output:
@@ -41,10 +62,25 @@ def tombstone_output(topic: str, negative: int) -> Output:
 
 
 class NegativeFollower:
-    """Applies the negatives topic to a bank; ``catch_up`` reads to the end before a worker is ready."""
+    """Applies the negatives topic to a bank; ``catch_up`` reads to the end before a worker is ready.
 
-    def __init__(self, kafka: KafkaSettings, topic: str, bank: NegativeBank, model_id: str, log=None):
+    ``refuse(vector)`` returns why a negative must not enter the bank (or None): the
+    workers re-check METHOD §2's admissibility on every record, so a negative forged onto
+    the topic next to an ID prototype is refused by every replica, not only by the
+    inversion worker that would never have published it.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: str,
+        bank: NegativeBank,
+        model_id: str,
+        log=None,
+        refuse: Callable[[np.ndarray], str | None] | None = None,
+    ):
         self.bank = bank
+        self.refuse = refuse
         self.model_id = model_id
         self.log = log
         self.rejected = 0
@@ -76,6 +112,9 @@ class NegativeFollower:
                 if record.id != negative:
                     raise ValueError(f"key {negative} carries record {record.id}")
                 vector = record.vector.to_numpy(model_id=self.model_id, dim=self.bank.dim)
+                why = self.refuse(vector) if self.refuse is not None else None
+                if why is not None:
+                    raise ValueError(f"negative {negative} refused: {why}")
                 entry = InvertedNegative(record.id, record.deviation, record.origin, record.created, tuple(record.nearest_words))
                 self.bank.put(entry, vector)
             self.applied += 1
@@ -109,6 +148,11 @@ class NegativeFollower:
             count += self.poll(timeout_ms=200)
             beat()
         return count
+
+    def restart(self) -> None:
+        """Forget what was applied and read the topic from the beginning again."""
+        self.seen_ids.clear()
+        self.consumer.seek_to_beginning(*self.partitions)
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)

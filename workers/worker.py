@@ -16,7 +16,7 @@ from pipeline.bundle import load_bundle_with_model
 from schemas.settings import Settings
 from workers.delivery import BatchLoop, BatchStats, Output, dead_letter
 from workers.kafka_clients import make_consumer, make_producer
-from workers.negatives import NegativeFollower
+from workers.negatives import NegativeFollower, inadmissible_to
 from workers.ops import OpsServer, WorkerMetrics, configure_logging, get_logger
 
 LAG_EVERY_S = 5.0
@@ -59,6 +59,9 @@ class BundleWorker(ABC):
     def close(self) -> None:
         """Release what the subclass holds."""
 
+    def on_abort(self) -> None:
+        """Exactly-once mode: a batch's transaction was aborted; undo what ``handle`` changed."""
+
     # --- shared --------------------------------------------------------------------------
     def status(self) -> dict:
         bank = self.bank
@@ -66,13 +69,20 @@ class BundleWorker(ABC):
             "worker": self.name,
             "role": self.role,
             "model_id": self.loaded.model_id,
+            "exactly_once": self.settings.worker.exactly_once,
             "batches": self.batches,
             **self.counters(),
             "bank_size": len(bank.entries) if bank is not None else 0,
             "bank_version": bank.version if bank is not None else 0,
             "bank_digest": bank.digest() if bank is not None else "",
+            "bank_sha256": bank.sha256() if bank is not None else "",
+            "negatives_rejected": self.follower.rejected if self.follower is not None else 0,
             "bank_ids": bank.ranked_ids() if bank is not None else [],
         }
+
+    def transactional_id(self) -> str:
+        """Stable across restarts of a worker with the same name, so a restart aborts the dead one's transaction."""
+        return f"{self.settings.kafka.client_id}-{self.role}-{self.name}"
 
     def reject(self, record: ConsumerRecord, reason: str, detail: str) -> Output:
         self.metrics.deadletters.labels(reason=reason).inc()
@@ -116,14 +126,18 @@ class BundleWorker(ABC):
         self.log.info("starting", http_port=self.ops.port, model_id=self.loaded.model_id, bundle=str(s.worker.bundle), input=topic)
         try:
             if self.bank is not None:
-                self.follower = NegativeFollower(s.kafka, s.topics.negatives, self.bank, self.loaded.model_id, self.log)
+                self.follower = NegativeFollower(
+                    s.kafka, s.topics.negatives, self.bank, self.loaded.model_id, self.log, refuse=inadmissible_to(self.bundle)
+                )
                 applied = self.follower.catch_up(beat=self.ops.beat)
                 self._bank_metrics()
                 self.log.info("negatives caught up", records=applied, bank_size=len(self.bank.entries), digest=self.bank.digest()[:16])
-            self.consumer = make_consumer(s.kafka, topic, group_id=group)
+            # read_committed: in exactly-once mode an aborted batch's candidates never reach the inverter
+            self.consumer = make_consumer(s.kafka, topic, group_id=group, isolation_level="read_committed")
+            transactional = {"transactional_id": self.transactional_id(), "transaction_timeout_ms": s.kafka.transaction_timeout_ms}
             loop = BatchLoop(
                 self.consumer,
-                make_producer(s.kafka),
+                make_producer(s.kafka, **(transactional if s.worker.exactly_once else {})),
                 self.handle,
                 prepare=self.prepare_ahead,
                 batch_size=batch_size,
@@ -132,6 +146,8 @@ class BundleWorker(ABC):
                 between_batches=self.between_batches,
                 on_batch=self.on_batch,
                 log=self.log,
+                transactional=s.worker.exactly_once,
+                on_abort=self.on_abort,
             )
             self.ops.set_ready(True)
             loop.run()

@@ -72,11 +72,17 @@ def kafka_bootstrap(tmp_path_factory):
 @pytest.fixture
 def stream_settings(kafka_bootstrap, tiny_settings) -> Settings:
     """Settings of a fresh deployment: its own topics and groups on the shared broker."""
+    return fresh_deployment(tiny_settings, kafka_bootstrap)
+
+
+def fresh_deployment(base: Settings, bootstrap: str | None = None) -> Settings:
+    """Settings with their own topics (created here, through whatever listener ``base``
+    names) and groups, on the broker at ``bootstrap`` (default: ``base``'s)."""
     from workers.topics import ensure_topics
 
     run = uuid.uuid4().hex[:8]
-    settings = tiny_settings.model_copy(deep=True)
-    settings.kafka.bootstrap_servers = kafka_bootstrap
+    settings = base.model_copy(deep=True)
+    settings.kafka.bootstrap_servers = bootstrap or base.kafka.bootstrap_servers
     settings.kafka.scoring_group = f"scoring-{run}"
     settings.kafka.inversion_group = f"inversion-{run}"
     settings.kafka.session_timeout_ms = 6000
@@ -85,5 +91,76 @@ def stream_settings(kafka_bootstrap, tiny_settings) -> Settings:
     settings.topics.partitions = 4
     settings.worker.batch_size = 8
     settings.worker.batch_timeout_ms = 100
-    ensure_topics(settings)
+    assert set(ensure_topics(settings).values()) == {"created"}
     return settings
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """start(command, settings, name): a worker as a real process, stopped (SIGTERM) after the test."""
+    from workers.processes import WorkerProcess
+
+    started: list[WorkerProcess] = []
+
+    def start(command: str, settings, name: str) -> WorkerProcess:
+        worker = WorkerProcess(command, settings, tmp_path / f"{name}.log", {"INTERNEG_WORKER__NAME": name, "HF_HUB_OFFLINE": "1"})
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.terminate(timeout_s=30)
+
+
+# --- the session broker's secured listeners (broker.sh writes their details into its DIR) ---
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """The SASL_PLAINTEXT (PLAIN) and, where openssl was there, SSL listeners of the session broker."""
+
+    home: Path
+    sasl_bootstrap: str
+    sasl_username: str
+    sasl_password: str
+    ssl_bootstrap: str | None  # None: broker.sh found no openssl, so there is no SSL listener
+    ssl_cafile: str | None
+    ssl_certfile: str | None
+    ssl_keyfile: str | None
+
+    def failed_logins(self) -> int:
+        """'Failed authentication with ...' lines the broker has logged so far (all listeners)."""
+        return len(self.failed_login_times())
+
+    def failed_login_times(self) -> list[float]:
+        """When (epoch seconds, oldest first) the broker logged each failed authentication."""
+        from datetime import datetime
+
+        times = []
+        for log in (self.home / "logs").glob("server.log*"):
+            for line in log.read_text(errors="replace").splitlines():
+                if "Failed authentication with" in line:  # "[2026-01-31 12:00:00,123] INFO ... Failed authentication with ..."
+                    times.append(datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+        return sorted(times)
+
+
+@pytest.fixture(scope="session")
+def kafka_security(kafka_bootstrap, tmp_path_factory) -> BrokerSecurity:
+    """The session broker's SASL bootstrap and test credentials, and its SSL files, read from its DIR."""
+    base = tmp_path_factory.getbasetemp()
+    homes = {f.parent.resolve() for f in base.glob("kafka*/bootstrap") if f.read_text().strip() == kafka_bootstrap}
+    assert len(homes) == 1, f"the session broker's DIR (bootstrap {kafka_bootstrap}) not found under {base}"
+    (home,) = homes
+    read = lambda name: (home / name).read_text().strip()  # noqa: E731
+    ssl = (home / "ssl.bootstrap").is_file()
+    return BrokerSecurity(
+        home=home,
+        sasl_bootstrap=read("sasl.bootstrap"),
+        sasl_username=read("sasl.username"),
+        sasl_password=read("sasl.password"),
+        ssl_bootstrap=read("ssl.bootstrap") if ssl else None,
+        ssl_cafile=str(home / "ssl" / "ca.pem") if ssl else None,
+        ssl_certfile=str(home / "ssl" / "client.pem") if ssl else None,
+        ssl_keyfile=str(home / "ssl" / "client.key") if ssl else None,
+    )

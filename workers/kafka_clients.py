@@ -6,7 +6,7 @@ import time
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from schemas.settings import KafkaSettings
-
+from workers.kafka_security import check_security
 
 def connection_options(kafka: KafkaSettings) -> dict:
     """Options every client shares: brokers, client id, SSL/SASL pass-through."""
@@ -35,9 +35,11 @@ def make_producer(kafka: KafkaSettings, **extra) -> KafkaProducer:
         "enable_idempotence": True,
         "max_request_size": kafka.max_message_bytes,
         "linger_ms": 5,
-        "retries": 5,
+        # retries are left unbounded (kafka-python's default): delivery_timeout_ms (120 s)
+        # bounds a send, so a broker restart is waited out instead of failing the batch
         **extra,
     }
+    check_security(kafka, connection_options(kafka))
     return KafkaProducer(**connection_options(kafka), **options)
 
 
@@ -53,6 +55,7 @@ def make_consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **ex
         "max_poll_interval_ms": kafka.max_poll_interval_ms,
         **extra,
     }
+    check_security(kafka, connection_options(kafka))
     consumer = KafkaConsumer(**connection_options(kafka), **options)
     if topics:
         # Subscribe only once the topics' metadata is known: a group leader that assigns
@@ -71,4 +74,5 @@ def make_consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **ex
 
 
 def make_admin(kafka: KafkaSettings) -> KafkaAdminClient:
+    check_security(kafka, connection_options(kafka))
     return KafkaAdminClient(**connection_options(kafka))

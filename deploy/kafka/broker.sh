@@ -1,6 +1,25 @@
 #!/usr/bin/env bash
 # Single-node KRaft Kafka broker for tests, CI and demos: plain `java` on jars
 # that Maven fetched into lib/ (see pom.xml). Usage: see usage() or README.md.
+#
+# Listeners, each on its own port of 127.0.0.1 (ports are chosen on the first start
+# and kept in DIR/ports, so `stop DIR` + `start DIR` comes back on the same ports with
+# the same data; only a port taken meanwhile by another process makes start pick new ones):
+#   PLAINTEXT       no security; `start` prints its host:port as its LAST stdout line,
+#                   also in DIR/bootstrap (tests and tools parse these).
+#   SASL_PLAINTEXT  SASL mechanism PLAIN. One user, defined in the listener's JAAS config
+#                   in server.properties: DIR/sasl.username ("interneg") with the random
+#                   password in DIR/sasl.password (made on the first start, then kept).
+#                   host:port in DIR/sasl.bootstrap; DIR/sasl.env has the INTERNEG_KAFKA__*
+#                   variables for it (`set -a; . DIR/sasl.env; set +a`).
+#                   Failed logins are logged as "Failed authentication with ..." in
+#                   DIR/logs/server.log.
+#   SSL             only where `openssl` is on PATH: TLS with client certificates required.
+#                   A throwaway CA signs the broker's certificate (SAN IP:127.0.0.1,
+#                   DNS:localhost) and a client certificate: DIR/ssl/ca.pem, DIR/ssl/client.pem,
+#                   DIR/ssl/client.key (unencrypted). host:port in DIR/ssl.bootstrap,
+#                   variables in DIR/ssl.env. Without openssl these files are absent.
+#   CONTROLLER      KRaft's own, PLAINTEXT; the broker talks to itself over PLAINTEXT.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -18,6 +37,7 @@ usage() {
   cat >&2 <<'EOF'
 usage: broker.sh fetch        fetch jars into lib/ (no-op when up to date)
        broker.sh start DIR    start a broker with its state in DIR; prints host:port
+                              (PLAINTEXT; SASL and SSL listeners: DIR/sasl.*, DIR/ssl.*)
        broker.sh stop DIR     stop it (SIGTERM, SIGKILL after 20 s); idempotent
        broker.sh status DIR   "running pid=N bootstrap=host:port" or "not running" (exit 3)
 env:   KAFKA_MAX_MESSAGE_BYTES (16777216)  KAFKA_START_TIMEOUT (60 s)  JAVA_HOME
@@ -88,31 +108,112 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Below the kernel's ephemeral range (32768+), so outgoing connections never hold
 # it. Another process can still grab it before Kafka binds: start retries on that.
+# Arguments: ports already chosen, to avoid.
 pick_port() {
-  local p _
+  local p _ taken=" $* "
   for _ in {1..100}; do
     p=$((20000 + RANDOM % 12000))
-    [[ $p != "${1:-}" ]] && ! port_open "$p" && { echo "$p"; return 0; }
+    [[ $taken != *" $p "* ]] && ! port_open "$p" && { echo "$p"; return 0; }
   done
   die "no free TCP port found on 127.0.0.1"
 }
 
-write_config() {
-  local dir=$1 cport sock=104857600
+# Sets BPORT SPORT TPORT CPORT (PLAINTEXT, SASL_PLAINTEXT, SSL, CONTROLLER). A restart
+# reuses DIR/ports, so clients configured with the old addresses reconnect; $2=fresh
+# (after a lost port race) picks new ones.
+choose_ports() {
+  local dir=$1 fresh=${2:-} saved=()
+  [[ -z $fresh && -f $dir/ports ]] && read -ra saved <"$dir/ports"
+  if [[ ${#saved[@]} == 4 ]]; then
+    BPORT=${saved[0]} SPORT=${saved[1]} TPORT=${saved[2]} CPORT=${saved[3]}
+    return 0
+  fi
   BPORT=$(pick_port)
-  cport=$(pick_port "$BPORT")
+  SPORT=$(pick_port "$BPORT")
+  TPORT=$(pick_port "$BPORT" "$SPORT")
+  CPORT=$(pick_port "$BPORT" "$SPORT" "$TPORT")
+  echo "$BPORT $SPORT $TPORT $CPORT" >"$dir/ports"
+}
+
+random_hex() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+
+# The SASL/PLAIN user: made once per DIR, kept across restarts. Hex passwords need no
+# quoting inside the JAAS string.
+ensure_sasl_user() {
+  local dir=$1
+  [[ -s $dir/sasl.username ]] || echo interneg >"$dir/sasl.username"
+  [[ -s $dir/sasl.password ]] || (umask 077; random_hex 16 >"$dir/sasl.password")
+  SASL_USER=$(<"$dir/sasl.username")
+  SASL_PASSWORD=$(<"$dir/sasl.password")
+}
+
+# A throwaway CA, the broker's key + chain (PEM keystore) and a client certificate,
+# made once per DIR with openssl (EC P-256: milliseconds). No openssl: no SSL listener.
+ensure_ssl_files() {
+  local ssl=$1/ssl
+  SSL_ON=
+  command -v openssl >/dev/null || return 0
+  if [[ ! -s $ssl/server.keystore.pem ]]; then
+    rm -rf "$ssl.tmp" && mkdir -p "$ssl.tmp"
+    (
+      set -e
+      cd "$ssl.tmp"
+      umask 077
+      key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+      key ca.key
+      openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=interneg-test-ca" -out ca.pem 2>/dev/null
+      for who in server client; do
+        key "$who.key"
+        openssl req -new -key "$who.key" -subj "/CN=interneg-test-$who" -out "$who.csr" 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' >"$who.ext"
+        openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 3650 \
+          -extfile "$who.ext" -out "$who.pem" 2>/dev/null
+      done
+      # Kafka's PEM keystore: an unencrypted PKCS#8 key followed by the certificate chain.
+      openssl pkcs8 -topk8 -nocrypt -in server.key -out server.pk8
+      cat server.pk8 server.pem ca.pem >server.keystore.pem
+      rm -f ./*.csr ./*.ext ./*.srl server.pk8 server.key ca.key
+    ) >"$1/logs/ssl.out" 2>&1 || { cat "$1/logs/ssl.out" >&2; rm -rf "$ssl.tmp"; die "openssl could not make the SSL files"; }
+    rm -rf "$ssl" && mv "$ssl.tmp" "$ssl"
+  fi
+  SSL_ON=1
+}
+
+write_config() {
+  local dir=$1 sock=104857600 listeners advertised protocols
   # Kafka's default request cap (100 MiB) already fits; only raise it, never lower it.
   (( MAX_BYTES + 1048576 > sock )) && sock=$((MAX_BYTES + 1048576))
+  listeners="PLAINTEXT://127.0.0.1:$BPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT"
+  protocols="PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+  if [[ -n $SSL_ON ]]; then
+    listeners+=",SSL://127.0.0.1:$TPORT"
+    protocols+=",SSL:SSL"
+  fi
+  advertised=$listeners
+  listeners+=",CONTROLLER://127.0.0.1:$CPORT"
   cat >"$dir/server.properties" <<EOF
-# Written by broker.sh start, with fresh ports on every start.
+# Written by broker.sh start (ports from $dir/ports).
 process.roles=broker,controller
 node.id=1
-controller.quorum.voters=1@127.0.0.1:$cport
+controller.quorum.voters=1@127.0.0.1:$CPORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$BPORT,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$BPORT
+listeners=$listeners
+advertised.listeners=$advertised
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=$protocols
+# SASL/PLAIN users (user_NAME="PASSWORD") for the SASL_PLAINTEXT listener only.
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER="$SASL_PASSWORD";
+EOF
+  [[ -n $SSL_ON ]] && cat >>"$dir/server.properties" <<EOF
+# TLS with client certificates, both signed by the throwaway CA in $dir/ssl.
+listener.name.ssl.ssl.keystore.type=PEM
+listener.name.ssl.ssl.keystore.location=$dir/ssl/server.keystore.pem
+listener.name.ssl.ssl.truststore.type=PEM
+listener.name.ssl.ssl.truststore.location=$dir/ssl/ca.pem
+listener.name.ssl.ssl.client.auth=required
+EOF
+  cat >>"$dir/server.properties" <<EOF
 log.dirs=$dir/data
 num.partitions=1
 auto.create.topics.enable=false
@@ -133,6 +234,30 @@ socket.request.max.bytes=$sock
 EOF
 }
 
+# What clients need for the secured listeners, written once the broker is ready.
+write_client_files() {
+  local dir=$1
+  echo "127.0.0.1:$SPORT" >"$dir/sasl.bootstrap"
+  (umask 077; cat >"$dir/sasl.env" <<EOF
+INTERNEG_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:$SPORT
+INTERNEG_KAFKA__SECURITY_PROTOCOL=SASL_PLAINTEXT
+INTERNEG_KAFKA__SASL_MECHANISM=PLAIN
+INTERNEG_KAFKA__SASL_PLAIN_USERNAME=$SASL_USER
+INTERNEG_KAFKA__SASL_PLAIN_PASSWORD=$SASL_PASSWORD
+EOF
+  )
+  if [[ -n $SSL_ON ]]; then
+    echo "127.0.0.1:$TPORT" >"$dir/ssl.bootstrap"
+    cat >"$dir/ssl.env" <<EOF
+INTERNEG_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:$TPORT
+INTERNEG_KAFKA__SECURITY_PROTOCOL=SSL
+INTERNEG_KAFKA__SSL_CAFILE=$dir/ssl/ca.pem
+INTERNEG_KAFKA__SSL_CERTFILE=$dir/ssl/client.pem
+INTERNEG_KAFKA__SSL_KEYFILE=$dir/ssl/client.key
+EOF
+  fi
+}
+
 # $2 names the log file: the storage tool and the broker each get their own.
 java_props() {
   JPROPS=("-Dkafka.logs.dir=$1/logs" "-Dkafka.log.name=$2" "-Dlog4j2.configurationFile=$HERE/log4j2.properties")
@@ -140,7 +265,7 @@ java_props() {
 
 format_storage() {
   local dir=$1 cid
-  # Restarting in the same DIR keeps its topics; static voters make new ports fine.
+  # Restarting in the same DIR keeps its topics (and, via DIR/ports, its ports).
   [[ -f $dir/data/meta.properties ]] && return 0
   # A cluster id is 16 random bytes in URL-safe base64; Kafka refuses ones starting with '-'.
   cid=-
@@ -180,12 +305,15 @@ cmd_start() {
     die "a broker is already running in $dir (pid $pid, bootstrap $(cat "$dir/bootstrap" 2>/dev/null))"
   fi
   cmd_fetch
-  rm -f "$dir/bootstrap" "$dir/broker.pid"
+  rm -f "$dir/bootstrap" "$dir/sasl.bootstrap" "$dir/ssl.bootstrap" "$dir/sasl.env" "$dir/ssl.env" "$dir/broker.pid"
   rm -rf "$dir/logs.prev"
   [[ -d $dir/logs ]] && mv "$dir/logs" "$dir/logs.prev"   # else the old "started" line would match
+  mkdir -p "$dir/logs"
+  ensure_sasl_user "$dir"
+  ensure_ssl_files "$dir"
   for attempt in 1 2 3; do
-    rm -rf "$dir/logs"   # a lost port race leaves a log of its own
-    mkdir -p "$dir/logs"
+    rm -rf "$dir/logs/server.log"* "$dir/logs/kafka.out"   # a lost port race leaves a log of its own
+    choose_ports "$dir" "$([[ $attempt == 1 ]] || echo fresh)"
     write_config "$dir"
     format_storage "$dir"
     java_props "$dir" server
@@ -197,7 +325,7 @@ cmd_start() {
     if wait_ready "$dir" "$pid"; then rc=0; else rc=$?; fi
     [[ $rc == 2 ]] || break
     WHY="could not bind its ports (3 tries)"
-    echo "broker.sh: port $BPORT or its controller port was taken meanwhile, retrying with new ports" >&2
+    echo "broker.sh: one of the ports $BPORT $SPORT $TPORT $CPORT was taken by another process, retrying with new ports" >&2
   done
   if [[ $rc != 0 ]]; then
     echo "broker.sh: the broker in $dir $WHY; log tail:" >&2
@@ -206,6 +334,7 @@ cmd_start() {
     rm -f "$dir/broker.pid"
     exit 1
   fi
+  write_client_files "$dir"
   echo "127.0.0.1:$BPORT" >"$dir/bootstrap"
   cat "$dir/bootstrap"
 }

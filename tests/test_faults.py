@@ -1,0 +1,338 @@
+"""Faults against the real broker: killed workers, a restarted broker, poisoned and hostile input.
+
+Each test prints the counts it saw (run with ``-s`` to read them); the assertions are
+what must hold whatever the timing: nothing lost, duplicates only where the delivery
+table allows them, nothing inadmissible in any bank, no worker dead from bad input.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import time
+import zlib
+from collections import Counter
+
+import numpy as np
+import pytest
+from kafka import TopicPartition
+from PIL import Image
+
+from conftest import BROKER, fresh_deployment
+from pipeline.bank import NegativeBank
+from pipeline.bundle import load_bundle_with_model
+from schemas.messages import H_CONTENT_TYPE, H_DL_REASON, H_FRAME_ID, H_TS, Candidate, FrameScore, NegativeRecord, Vector
+from test_streaming import crafted_candidates, frame_record, jpeg, read_topic, scores_by_frame
+from workers.kafka_clients import make_consumer
+from workers.negatives import NegativeFollower, inadmissible_to, negative_id
+from workers.producer import produce_records
+
+pytestmark = pytest.mark.fault
+
+
+def committed(settings, group: str, topic: str) -> int:
+    """Offsets the group has committed on ``topic``, summed over partitions."""
+    consumer = make_consumer(settings.kafka, group_id=group)  # never subscribes: reads the group's offsets only
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return sum(consumer.committed(tp) or 0 for tp in partitions)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.3):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def report(name: str, **counts) -> None:
+    print(f"\n[fault] {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+# --- scoring workers killed with SIGKILL ----------------------------------------------------
+FRAMES = 10_000
+KILL_AT = (0.2, 0.45, 0.7)  # fractions of the stream committed when scorer-a is killed
+
+
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+def test_three_kill_9s_of_a_scoring_worker_lose_no_frame(stream_settings, tiny_bundle_dir, workers, exactly_once):
+    s = stream_settings
+    s.worker.bundle = tiny_bundle_dir
+    s.worker.batch_size = 32
+    s.worker.exactly_once = exactly_once
+    a, b = workers("score-worker", s, "scorer-a"), workers("score-worker", s, "scorer-b")
+    a.wait_ready()
+    b.wait_ready()
+    pool = [jpeg(i) for i in range(64)]
+    sent = produce_records(s, [frame_record(i, pool[i % 64], camera=f"cam-{i % 8}") for i in range(FRAMES)])
+    inputs = {(m.partition, m.offset) for m in sent}
+    for fraction in KILL_AT:
+        wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= fraction * FRAMES, 300, f"{fraction:.0%} committed")
+        a.kill()  # SIGKILL, mid-stream: batches in flight, maybe an open transaction
+        a = workers("score-worker", s, "scorer-a")  # same name: in exactly-once mode, same transactional id
+        a.wait_ready()
+    wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= FRAMES, 300, "every frame committed")
+    records = read_topic(s, s.topics.scores, expect=FRAMES, timeout_s=120, idle_s=3)  # read_committed
+    scores = [FrameScore.from_bytes(r.value) for r in records]
+    per_input = Counter((x.source.partition, x.source.offset) for x in scores)
+    duplicated = sum(c - 1 for c in per_input.values())
+    report(
+        f"kill -9 x{len(KILL_AT)} ({'exactly-once' if exactly_once else 'at-least-once'})",
+        sent=len(sent), scored=len(per_input), score_records=len(scores), duplicated=duplicated,
+        lost=len(inputs - set(per_input)), by_worker=dict(Counter(x.worker for x in scores)),
+    )
+    assert set(per_input) == inputs  # every input offset ends with a score record
+    if exactly_once:
+        assert duplicated == 0  # read_committed readers see exactly one score per frame
+        alerts = Counter(r.key for r in read_topic(s, s.topics.alerts, idle_s=2))
+        assert alerts and max(alerts.values()) == 1
+    else:
+        # redone batches only: at most the three batches a killed worker had in flight, and
+        # the three of the survivor whose commits a rebalance refused (one rebalance when
+        # scorer-a is declared dead, one when it rejoins), per kill
+        assert duplicated <= len(KILL_AT) * 3 * (3 + 3) * s.worker.batch_size
+    assert b.process.poll() is None
+
+
+# --- the broker restarted under a running stream -------------------------------------------
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker of this test's own, so it can be stopped and started again on the same port and data."""
+    home = tmp_path / "kafka"
+
+    def start() -> str:
+        started = subprocess.run(["bash", str(BROKER), "start", str(home)], capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        return started.stdout.strip().splitlines()[-1]
+
+    def stop() -> None:
+        subprocess.run(["bash", str(BROKER), "stop", str(home)], capture_output=True, timeout=120, check=True)
+
+    yield start, stop
+    stop()
+
+
+def test_workers_ride_out_a_broker_restart_and_lose_nothing(own_broker, tiny_settings, tiny_bundle_dir, workers):
+    start, stop = own_broker
+    bootstrap = start()
+    s = fresh_deployment(tiny_settings, bootstrap)
+    s.worker.bundle = tiny_bundle_dir
+    s.worker.batch_size = 32
+    worker = workers("score-worker", s, "scorer-r")
+    worker.wait_ready()
+    n = 3000
+    sent = produce_records(s, [frame_record(i, jpeg(i % 64), camera=f"cam-{i % 4}") for i in range(n)])
+    wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= n // 4, 300, "a quarter committed")
+    stop()
+    time.sleep(3)  # the worker sees the broker gone: failed fetches, sends waiting to be retried
+    assert start() == bootstrap  # the same port and data
+    wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= n, 300, "every frame committed after the restart")
+    records = read_topic(s, s.topics.scores, expect=n, timeout_s=120, idle_s=3)
+    per_input = Counter((x.source.partition, x.source.offset) for x in (FrameScore.from_bytes(r.value) for r in records))
+    inputs = {(m.partition, m.offset) for m in sent}
+    report("broker restart", sent=n, scored=len(per_input), duplicated=sum(c - 1 for c in per_input.values()),
+           lost=len(inputs - set(per_input)))
+    assert set(per_input) == inputs
+    assert worker.process.poll() is None  # reconnected, not restarted
+
+
+# --- the inversion worker killed mid-batch; replay; poisoning -------------------------------
+def poisoned_candidates(bundle_dir, n: int) -> list[Candidate]:
+    """Embeddings sitting right next to the ID prototypes: whatever they invert to must never be admitted."""
+    bundle, loaded = load_bundle_with_model(bundle_dir, "cpu")
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        v = bundle.prototypes[i % len(bundle.prototypes)] + 0.02 * rng.normal(size=loaded.embed_dim) / np.sqrt(loaded.embed_dim)
+        v = (v / np.linalg.norm(v)).astype(np.float32)
+        out.append(Candidate(frame_id=f"poison-{i}", camera_id="cam-p", source={"topic": "frames", "partition": 0, "offset": i},
+                             score=0.01, embedding=Vector.from_numpy(v, loaded.model_id), created_ms=0))
+    return out
+
+
+def forged_negative(bundle_dir) -> NegativeRecord:
+    """A record written straight onto ood.negatives: an ID prototype posing as a high-ranking negative."""
+    bundle, loaded = load_bundle_with_model(bundle_dir, "cpu")
+    v = bundle.prototypes[0] / np.linalg.norm(bundle.prototypes[0])
+    return NegativeRecord(id=negative_id("forged-0"), vector=Vector.from_numpy(v, loaded.model_id), deviation=9.0,
+                          origin="forged-0", created=0.0, nearest_words=[])
+
+
+def test_inversion_worker_killed_mid_batch_republishes_nothing_and_replicas_replay_the_identical_bank(
+    stream_settings, tiny_bundle_dir, workers
+):
+    s = stream_settings
+    s.worker.bundle = tiny_bundle_dir
+    s.worker.inversion_batch_size = 8
+    s.inversion.steps = 30  # slower batches, so the kill lands inside one
+    s.bank.capacity = 6
+    legit, poison = crafted_candidates(tiny_bundle_dir, 40, seed=3), poisoned_candidates(tiny_bundle_dir, 16)
+    mixed = [c for pair in zip(legit, poison + [None] * len(legit)) for c in pair if c is not None]
+    inverter = workers("invert-worker", s, "inverter")
+    inverter.wait_ready()
+    produce_records(s, [(c.frame_id, c.to_bytes(), None) for c in mixed], topic=s.topics.candidates)
+    wait_for(lambda: inverter.status().get("candidates", 0) >= 8, 120, "a first batch inverted")
+    time.sleep(0.4)
+    before = inverter.status()
+    inverter.kill()
+    inverter = workers("invert-worker", s, "inverter")
+    inverter.wait_ready()
+    wait_for(lambda: committed(s, s.kafka.inversion_group, s.topics.candidates) >= len(mixed), 300, "every candidate committed")
+    truth = inverter.status()
+
+    negatives = read_topic(s, s.topics.negatives, idle_s=2)
+    published = Counter(r.key for r in negatives if r.value is not None)
+    live: dict[bytes, bytes | None] = {}
+    for r in negatives:
+        live[r.key] = r.value
+    live_keys = {k for k, v in live.items() if v is not None}
+    poison_ids = {str(negative_id(c.frame_id)).encode() for c in poison}
+    report("inversion worker kill -9", candidates=len(mixed), poisoned=len(poison), done_before_kill=before.get("candidates"),
+           done_after_restart=truth["candidates"], published=sum(published.values()),
+           tombstones=sum(1 for r in negatives if r.value is None), live=len(live_keys), bank_size=truth["bank_size"])
+    assert published and max(published.values()) == 1  # no negative published twice, across the kill
+    assert not poison_ids & set(published)  # crafted next to the ID prototypes: never admitted
+    assert len(live_keys) <= s.bank.capacity and truth["bank_size"] <= s.bank.capacity  # the bound holds
+
+    # a negative forged straight onto the topic next to an ID prototype: every replica refuses it
+    forged = forged_negative(tiny_bundle_dir)
+    produce_records(s, [(str(forged.id), forged.to_bytes(), None)], topic=s.topics.negatives)
+    fresh = workers("score-worker", s, "scorer-fresh")  # replays ood.negatives from the beginning
+    fresh.wait_ready()
+    replica = fresh.status()
+    assert replica["negatives_rejected"] == 1 and forged.id not in replica["bank_ids"]
+    assert replica["bank_ids"] == truth["bank_ids"]
+    assert replica["bank_sha256"] == truth["bank_sha256"]  # byte-identical to the inversion worker's bank
+    # and an in-process replay, saved to a file, hashes the same
+    bundle, loaded = load_bundle_with_model(tiny_bundle_dir, "cpu")
+    bank: NegativeBank = bundle.bank("interneg", s.bank.capacity, s.bank.dedup_cos)
+    follower = NegativeFollower(s.kafka, s.topics.negatives, bank, loaded.model_id, refuse=inadmissible_to(bundle))
+    follower.catch_up()
+    follower.close()
+    assert bank.sha256() == truth["bank_sha256"]
+
+
+# --- hostile input --------------------------------------------------------------------------
+def png_bomb(side: int = 20_000) -> bytes:
+    """A real PNG of side x side black pixels: a few hundred KB that would decode to side² bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    packer = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte + one grey byte per pixel
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims width x height."""
+    data = bytearray(jpeg(5))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def bad_vector_candidates(good: Candidate) -> list[tuple[str, bytes]]:
+    """(case, value) candidates whose vectors are wrong in every way the contract names."""
+    doc = json.loads(good.to_bytes())
+    raw = np.frombuffer(base64.b64decode(doc["embedding"]["data"]), dtype=np.float32)
+
+    def with_embedding(**changes) -> bytes:
+        return json.dumps({**doc, "embedding": {**doc["embedding"], **changes}}).encode()
+
+    nan = raw.copy()
+    nan[0] = np.nan
+    return [
+        ("wrong-dtype", with_embedding(dtype="float64", data=base64.b64encode(raw.astype(np.float64).tobytes()).decode())),
+        ("wrong-dim", with_embedding(dim=len(raw) // 2, data=base64.b64encode(raw[: len(raw) // 2].tobytes()).decode())),
+        ("wrong-model", with_embedding(model_id="ViT-L-14/openai")),
+        ("size-lies", with_embedding(data=base64.b64encode(raw[:-1].tobytes()).decode())),
+        ("nan", with_embedding(data=base64.b64encode(nan.tobytes()).decode())),
+        ("not-json", b"\x80\x04\x95 a pickle, maybe"),
+        ("empty", b""),
+        ("extra-field", json.dumps({**doc, "exec": "rm -rf /"}).encode()),
+    ]
+
+
+def test_a_hostile_corpus_is_dead_lettered_with_reasons_and_no_worker_dies(stream_settings, tiny_bundle_dir, workers):
+    s = stream_settings
+    s.worker.bundle = tiny_bundle_dir
+    s.images.max_bytes = 1_000_000
+    good = jpeg(1)
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(big, format="PNG")
+    bomb = png_bomb()
+    now = str(int(time.time() * 1000)).encode()
+    frames = [  # (accepted reasons, key, value, headers); the frame-id header names the case
+        (("corrupt", "not-an-image"), b"cam", good[:20] + b"\x00" * 400 + good[420:], [(H_FRAME_ID, b"corrupt")]),
+        (("corrupt",), b"cam", good[: len(good) // 2], [(H_FRAME_ID, b"truncated")]),
+        (("empty",), b"cam", b"", [(H_FRAME_ID, b"zero-bytes")]),
+        (("empty",), b"cam", None, [(H_FRAME_ID, b"null-value")]),
+        (("too-many-pixels",), b"cam", bomb, [(H_FRAME_ID, b"png-bomb")]),
+        (("too-many-pixels",), b"cam", jpeg_claiming(20_000, 20_000), [(H_FRAME_ID, b"jpeg-20k")]),
+        (("not-an-image",), b"cam", b"#!/bin/sh\nplain text, not pixels", [(H_FRAME_ID, b"text")]),
+        (("not-an-image",), b"cam", b"\x80\x04\x95" + bytes(200), [(H_FRAME_ID, b"pickle-ish")]),
+        (("too-large",), b"cam", big.getvalue(), [(H_FRAME_ID, b"oversized")]),
+        (("missing-header",), b"cam", good, [(H_TS, now)]),
+        (("bad-header",), b"cam", good, [(H_FRAME_ID, b"\xff\xfe not utf-8")]),
+        (("bad-header",), b"cam", good, [(H_FRAME_ID, b"x" * 300)]),
+        (("bad-header",), b"cam", good, [(H_FRAME_ID, b"badts"), (H_TS, b"yesterday")]),
+        (("unsupported-content-type",), b"cam", good, [(H_FRAME_ID, b"ctype"), (H_CONTENT_TYPE, b"text/html")]),
+    ]
+    assert len(bomb) < s.images.max_bytes < len(big.getvalue())
+    records = []
+    for i, (_, key, value, headers) in enumerate(frames):
+        records.append(frame_record(i, jpeg(100 + i)))
+        records.append((key, value, headers))
+    records.append(frame_record(len(frames), jpeg(100 + len(frames))))
+    legit = crafted_candidates(tiny_bundle_dir, 3, seed=9)
+    bad = bad_vector_candidates(legit[0])
+    candidates = [(legit[0].frame_id, legit[0].to_bytes(), None)]
+    for (case, value), c in zip(bad, legit[1:] * len(bad)):
+        candidates += [(case, value, None), (c.frame_id, c.to_bytes(), None)]
+
+    scorer, inverter = workers("score-worker", s, "scorer-h"), workers("invert-worker", s, "inverter-h")
+    scorer.wait_ready()
+    inverter.wait_ready()
+    produce_records(s, records)
+    produce_records(s, candidates, topic=s.topics.candidates)
+    wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= len(records), 120, "every frame committed")
+    all_candidates = len(read_topic(s, s.topics.candidates, idle_s=1))  # ours, and the scoring worker's
+    wait_for(lambda: committed(s, s.kafka.inversion_group, s.topics.candidates) >= all_candidates, 120, "every candidate committed")
+
+    dead = read_topic(s, s.topics.deadletter, idle_s=2)
+    scores = scores_by_frame(read_topic(s, s.topics.scores, expect=len(frames) + 1, idle_s=2))
+    by_case = {}
+    for r in dead:
+        headers = dict(r.headers)
+        name = headers.get(H_FRAME_ID, r.key).decode("utf-8", "replace")
+        by_case[name] = (headers[H_DL_REASON].decode(), r.value, headers)
+    dead_frames = [r for r in dead if r.topic == s.topics.deadletter and dict(r.headers).get("x-dl-source-topic") == s.topics.frames.encode()]
+    dead_candidates = [r for r in dead if dict(r.headers).get("x-dl-source-topic") == s.topics.candidates.encode()]
+    report("hostile corpus", frames=len(frames), frames_dead_lettered=len(dead_frames), candidates=len(bad),
+           candidates_dead_lettered=len(dead_candidates), good_frames_scored=sum(1 for k in scores if k.startswith("f")),
+           reasons=dict(Counter(v[0] for v in by_case.values())))
+    corrupt_scored = "corrupt" in scores  # zeroed bytes inside a JPEG body may still decode: scored, not lost
+    assert len(dead_frames) == len(frames) - corrupt_scored
+    for reasons, key, value, headers in frames:
+        name = dict(headers).get(H_FRAME_ID, key).decode("utf-8", "replace")
+        if name == "corrupt" and corrupt_scored:
+            continue
+        got = by_case[name]
+        assert got[0] in reasons, (name, got[0])
+        assert got[1] == value and got[2]["x-dl-worker"] == b"scorer-h", name  # the original bytes, and who refused them
+    assert {f"f{i}" for i in range(len(frames) + 1)} <= set(scores)  # the valid frames around them were scored
+    # candidates: each wrong vector dead-lettered with its reason, the valid ones between them inverted
+    assert len(dead_candidates) == len(bad)
+    reasons = {dict(r.headers)[H_DL_REASON].decode() for r in dead_candidates}
+    assert reasons <= {"malformed-candidate", "wrong-vector"} and "wrong-vector" in reasons
+    status = inverter.status()
+    assert status["candidates"] == all_candidates - len(bad)
+    assert scorer.process.poll() is None and inverter.process.poll() is None  # no worker died

@@ -65,7 +65,11 @@ class Deployment:
         self.workers: list[WorkerProcess] = []
 
     def __enter__(self) -> "Deployment":
-        self.settings.kafka.bootstrap_servers = self.bootstrap or self.broker.start()
+        try:
+            self.settings.kafka.bootstrap_servers = self.bootstrap or self.broker.start()
+        except BaseException:  # a half-started broker (or Ctrl-C during its start) is stopped too
+            self.__exit__()
+            raise
         return self
 
     def fresh_topics(self) -> Settings:
@@ -78,11 +82,12 @@ class Deployment:
         ensure_topics(s)
         return s
 
-    def start(self, command: str, settings: Settings, name: str) -> WorkerProcess:
+    def start(self, command: str, settings: Settings, name: str, wait: bool = True) -> WorkerProcess:
         name = f"{settings.model.name}-{name}-{uuid.uuid4().hex[:4]}"  # a fresh log per worker, never appended to
         worker = WorkerProcess(command, settings, self.workdir / "logs" / f"{name}.log", {"INTERNEG_WORKER__NAME": name})
         self.workers.append(worker)
-        worker.wait_ready(timeout_s=600)
+        if wait:
+            worker.wait_ready(timeout_s=600)
         return worker
 
     def __exit__(self, *exc) -> None:
@@ -92,26 +97,37 @@ class Deployment:
             self.broker.stop()
 
 
+def frame_headers(frame_id: str, camera: str) -> list[tuple[str, bytes]]:
+    """The headers of a JPEG frame stamped now."""
+    return [(H_FRAME_ID, frame_id.encode()), (H_CAMERA_ID, camera.encode()),
+            (H_TS, str(int(time.time() * 1000)).encode()), (H_CONTENT_TYPE, b"image/jpeg")]
+
+
 def fill_frames(settings: Settings, frames: list[bytes], camera: str = "bench") -> None:
     producer = make_producer(settings.kafka)
     for i, data in enumerate(frames):
-        headers = [(H_FRAME_ID, f"{camera}-{i}".encode()), (H_CAMERA_ID, camera.encode()),
-                   (H_TS, str(int(time.time() * 1000)).encode()), (H_CONTENT_TYPE, b"image/jpeg")]
-        producer.send(settings.topics.frames, key=camera.encode(), value=data, headers=headers)
+        producer.send(settings.topics.frames, key=camera.encode(), value=data, headers=frame_headers(f"{camera}-{i}", camera))
     producer.flush()
     producer.close()
 
 
 class CommitWatcher:
-    """Reads the scoring group's committed offsets on the frames topic (without joining the group)."""
+    """Reads a group's committed offsets on its input topic (without joining the group); by default
+    the scoring group on the frames topic."""
 
-    def __init__(self, settings: Settings):
-        self.consumer = make_consumer(settings.kafka, group_id=settings.kafka.scoring_group)
-        topic = settings.topics.frames
+    def __init__(self, settings: Settings, topic: str | None = None, group: str | None = None):
+        self.consumer = make_consumer(settings.kafka, group_id=group or settings.kafka.scoring_group)
+        topic = topic or settings.topics.frames
         self.partitions = [TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic)]
 
     def committed(self) -> int:
         return sum(self.consumer.committed(tp) or 0 for tp in self.partitions)
+
+    def lag(self) -> tuple[int, int]:
+        """(end offsets minus committed offsets, end offsets), summed over the topic's partitions."""
+        ends = self.consumer.end_offsets(self.partitions)
+        end = sum(ends.values())
+        return end - self.committed(), end
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -177,14 +193,12 @@ def alert_latency(deployment: Deployment, *, rate: float, seconds: float, batch_
         now = time.monotonic()
         if now >= next_at:
             frame_id = f"lat-{i}"
-            headers = [(H_FRAME_ID, frame_id.encode()), (H_CAMERA_ID, b"bench"), (H_TS, str(int(time.time() * 1000)).encode()),
-                       (H_CONTENT_TYPE, b"image/jpeg")]
-            producer.send(s.topics.frames, key=b"bench", value=data[i % len(data)], headers=headers)
+            producer.send(s.topics.frames, key=b"bench", value=data[i % len(data)], headers=frame_headers(frame_id, "bench"))
             sent_at[frame_id] = time.monotonic()
             i += 1
             next_at += 1.0 / rate
         if now >= next_rss:
-            rss.append((now - start, _rss_kib(worker.process.pid)))
+            rss.append((now - start, rss_kib(worker.process.pid)))
             next_rss += rss_every_s
         for records in consumer.poll(timeout_ms=5).values():
             arrived = time.monotonic()
@@ -208,7 +222,7 @@ def alert_latency(deployment: Deployment, *, rate: float, seconds: float, batch_
     }
 
 
-def _rss_kib(pid: int) -> int:
+def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])

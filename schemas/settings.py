@@ -64,6 +64,12 @@ class InversionSettings(BaseModel):
     init_std: float = Field(0.02, gt=0)
     reg_weight: float = Field(0.0, ge=0, description="separation from ID prototypes (off in the paper)")
     seed: int = 0
+    max_candidate_age_s: float = Field(
+        600.0,
+        gt=0,
+        description="candidates queued longer than this are skipped unseen: when frames below beta arrive faster "
+        "than inversion runs, the backlog stays bounded and the bank learns from recent frames",
+    )
 
 
 class BankSettings(BaseModel):

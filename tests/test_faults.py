@@ -24,7 +24,7 @@ from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
 from schemas.messages import H_CONTENT_TYPE, H_DL_REASON, H_FRAME_ID, H_TS, Candidate, FrameScore, NegativeRecord, Vector
 from test_streaming import crafted_candidates, frame_record, jpeg, read_topic, scores_by_frame
-from workers.kafka_clients import make_consumer
+from workers.kafka_clients import make_consumer, make_producer
 from workers.negatives import NegativeFollower, inadmissible_to, negative_id
 from workers.producer import produce_records
 
@@ -216,6 +216,30 @@ def test_inversion_worker_killed_mid_batch_republishes_nothing_and_replicas_repl
     follower.catch_up()
     follower.close()
     assert bank.sha256() == truth["bank_sha256"]
+
+
+def test_an_inversion_backlog_sheds_candidates_older_than_the_age_limit(stream_settings, tiny_bundle_dir, workers):
+    """Frames below beta arriving faster than inversion runs must not grow the candidates' lag without bound."""
+    s = stream_settings
+    s.worker.bundle = tiny_bundle_dir
+    s.inversion.max_candidate_age_s = 60
+    old, new = crafted_candidates(tiny_bundle_dir, 6, seed=21)[:3], crafted_candidates(tiny_bundle_dir, 6, seed=22)[3:]
+    producer = make_producer(s.kafka)
+    an_hour_ago = int(time.time() * 1000) - 3_600_000
+    for c in old:  # queued an hour ago, as a backlog would be
+        producer.send(s.topics.candidates, key=c.frame_id.encode(), value=c.to_bytes(), timestamp_ms=an_hour_ago)
+    for c in new:
+        producer.send(s.topics.candidates, key=c.frame_id.encode(), value=c.to_bytes())
+    producer.flush()
+    producer.close()
+    inverter = workers("invert-worker", s, "inverter-s")
+    inverter.wait_ready()
+    wait_for(lambda: committed(s, s.kafka.inversion_group, s.topics.candidates) >= 6, 120, "every candidate committed")
+    status = inverter.status()
+    report("stale candidates", queued=6, stale=status["stale"], inverted=status["candidates"])
+    assert (status["stale"], status["candidates"]) == (3, 3)
+    origins = {NegativeRecord.from_bytes(r.value).origin for r in read_topic(s, s.topics.negatives, idle_s=1) if r.value}
+    assert origins and origins <= {c.frame_id for c in new}
 
 
 # --- hostile input --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class InversionWorker(BundleWorker):
         self.base = self.bundle.base_similarity
         self.bank = self.bundle.bank("interneg", settings.bank.capacity, settings.bank.dedup_cos)
         self.candidates_seen = 0
+        self.stale = 0
         self.published = 0
 
     def input(self) -> tuple[str, str, int]:
@@ -42,13 +43,18 @@ class InversionWorker(BundleWorker):
         return s.topics.candidates, s.kafka.inversion_group, s.worker.inversion_batch_size
 
     def counters(self) -> dict:
-        return {"candidates": self.candidates_seen, "published": self.published}
+        return {"candidates": self.candidates_seen, "stale": self.stale, "published": self.published}
 
     def handle(self, records: list[ConsumerRecord], prepared=None) -> list[Output]:
         topic = self.settings.topics.negatives
         outputs = self.restore_bound()
         candidates, vectors = [], []
+        oldest_ms = (time.time() - self.settings.inversion.max_candidate_age_s) * 1000
         for record in records:
+            if record.timestamp < oldest_ms:  # the broker's time of the candidate: skipping is cheap, inverting is not
+                self.stale += 1
+                self.metrics.inverted.labels(outcome="stale").inc()
+                continue
             try:
                 candidate = Candidate.from_bytes(record.value or b"")
                 vectors.append(candidate.embedding.to_numpy(model_id=self.loaded.model_id, dim=self.loaded.embed_dim))

@@ -19,6 +19,10 @@ uv pip install --quiet --python .venv/bin/python --no-deps -e .
 if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq maven openjdk-17-jre-headless >/dev/null
 fi
+if ! command -v openssl >/dev/null 2>&1; then  # the test broker's SSL listener makes its certificates with it
+    apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+fi
 bash deploy/kafka/broker.sh fetch >/dev/null
+bash deploy/validate/install.sh  # the validators of deploy/ (pinned, cached in ~/.cache/interneg-validators)
 .venv/bin/python -c "import torch, torchvision, open_clip, faiss, kafka, crc32c" \
     || { echo "setup: the environment in .venv does not import; remove .venv and run again" >&2; exit 1; }

@@ -78,9 +78,11 @@ class NegativeFollower:
         model_id: str,
         log=None,
         refuse: Callable[[np.ndarray], str | None] | None = None,
+        on_rejected: Callable[[], None] = lambda: None,
     ):
         self.bank = bank
         self.refuse = refuse
+        self.on_rejected = on_rejected
         self.model_id = model_id
         self.log = log
         self.rejected = 0
@@ -121,6 +123,7 @@ class NegativeFollower:
             self.last_applied_at = time.time()
         except (ValueError, AttributeError) as exc:  # a malformed or foreign record never reaches the bank
             self.rejected += 1
+            self.on_rejected()
             if self.log is not None:
                 self.log.warning("negative record rejected", key=repr(key)[:80], error=str(exc)[:300])
 

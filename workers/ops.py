@@ -131,13 +131,19 @@ class WorkerMetrics:
             "interneg_negatives_published", "records written to the negatives topic", ["kind"], registry=r
         )
         self.inverted = Counter("interneg_inverted", "inversion candidates, by outcome", ["outcome"], registry=r)
+        self.transactions_aborted = Counter(
+            "interneg_transactions_aborted", "exactly-once mode: batches whose transaction was aborted and redone", registry=r
+        )
+        self.negatives_rejected = Counter(
+            "interneg_negatives_rejected", "records of the negatives topic refused (malformed, foreign, inadmissible)", registry=r
+        )
 
         # Known label values start at 0 so rate() and absent-series alerts work before the first event.
         for outcome in ("scored", "alert", "deadletter", "candidate"):
             self.frames.labels(outcome=outcome)
         for kind in ("negative", "tombstone"):
             self.negatives_published.labels(kind=kind)
-        for outcome in ("admitted", "inadmissible", "duplicate", "already_in_bank", "below_bound", "not_finite"):
+        for outcome in ("admitted", "inadmissible", "duplicate", "already_in_bank", "below_bound", "not_finite", "stale"):
             self.inverted.labels(outcome=outcome)
 
     def exposition(self) -> bytes:

@@ -41,6 +41,7 @@ class BundleWorker(ABC):
         self.batches = 0
         self.stage_seconds: dict[str, float] = {}  # stages inside handle, set by the subclass
         self._lag_checked = 0.0
+        self._lag_labels: set[tuple[str, str]] = set()
 
     # --- what a worker defines -------------------------------------------------------------
     prepare_ahead = None  # optional: a step run ahead, overlapped with the previous batch (see BatchLoop)
@@ -110,8 +111,16 @@ class BundleWorker(ABC):
             self._lag_checked = time.monotonic()
             self._record_lag()
 
+    def _aborted(self) -> None:
+        self.metrics.transactions_aborted.inc()
+        self.on_abort()
+
     def _record_lag(self) -> None:
         assignment = list(self.consumer.assignment())
+        owned = {(tp.topic, str(tp.partition)) for tp in assignment}
+        for labels in self._lag_labels - owned:  # moved to another worker: its lag is theirs to report now
+            self.metrics.consumer_lag.remove(*labels)
+        self._lag_labels = owned
         if assignment:
             ends = self.consumer.end_offsets(assignment)
             for tp in assignment:
@@ -127,7 +136,8 @@ class BundleWorker(ABC):
         try:
             if self.bank is not None:
                 self.follower = NegativeFollower(
-                    s.kafka, s.topics.negatives, self.bank, self.loaded.model_id, self.log, refuse=inadmissible_to(self.bundle)
+                    s.kafka, s.topics.negatives, self.bank, self.loaded.model_id, self.log, refuse=inadmissible_to(self.bundle),
+                    on_rejected=self.metrics.negatives_rejected.inc,
                 )
                 applied = self.follower.catch_up(beat=self.ops.beat)
                 self._bank_metrics()
@@ -147,7 +157,7 @@ class BundleWorker(ABC):
                 on_batch=self.on_batch,
                 log=self.log,
                 transactional=s.worker.exactly_once,
-                on_abort=self.on_abort,
+                on_abort=self._aborted,
             )
             self.ops.set_ready(True)
             loop.run()

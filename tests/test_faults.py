@@ -17,6 +17,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 from PIL import Image
 
 from conftest import BROKER, fresh_deployment
@@ -24,6 +25,7 @@ from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
 from schemas.messages import H_CONTENT_TYPE, H_DL_REASON, H_FRAME_ID, H_TS, Candidate, FrameScore, NegativeRecord, Vector
 from test_streaming import crafted_candidates, frame_record, jpeg, read_topic, scores_by_frame
+from workers.delivery import BatchLoop, Output
 from workers.kafka_clients import make_consumer, make_producer
 from workers.negatives import NegativeFollower, inadmissible_to, negative_id
 from workers.producer import produce_records
@@ -98,6 +100,38 @@ def test_three_kill_9s_of_a_scoring_worker_lose_no_frame(stream_settings, tiny_b
         # scorer-a is declared dead, one when it rejoins), per kill
         assert duplicated <= len(KILL_AT) * 3 * (3 + 3) * s.worker.batch_size
     assert b.process.poll() is None
+
+
+def test_an_aborted_transaction_is_redone_and_its_outputs_are_never_read(stream_settings):
+    """The exactly-once loop's abort path: a batch whose transaction fails (injected into a real
+    transactional producer) is aborted, rewound with the prefetched batch, and redone once."""
+    s = stream_settings
+    n = 60
+    produce_records(s, [(b"k", f"in-{i}".encode(), None) for i in range(n)])
+    consumer = make_consumer(s.kafka, s.topics.frames, group_id=s.kafka.scoring_group, isolation_level="read_committed")
+    producer = make_producer(s.kafka, transactional_id=f"abort-test-{s.kafka.scoring_group}")
+    real_send_offsets, calls = producer.send_offsets_to_transaction, []
+
+    def fails_the_second_time(offsets, group):
+        calls.append(offsets)
+        if len(calls) == 2:
+            raise KafkaError("injected: the transaction cannot commit")
+        return real_send_offsets(offsets, group)
+
+    producer.send_offsets_to_transaction = fails_the_second_time
+    done, aborts, deadline = [], [], time.monotonic() + 90
+    loop = BatchLoop(
+        consumer, producer, lambda batch, prepared: [Output(s.topics.scores, r.key, r.value + b"/out") for r in batch],
+        prepare=lambda batch: None,  # the overlapped loop: a prefetched batch must be dropped and polled again
+        batch_size=8, batch_timeout_ms=300, should_stop=lambda: sum(done) >= n or time.monotonic() > deadline,
+        on_batch=lambda stats: done.append(stats.records if stats.committed else 0),
+        transactional=True, on_abort=lambda: aborts.append(1),
+    )
+    loop.run()
+    outputs = Counter(r.value for r in read_topic(s, s.topics.scores, expect=n, idle_s=2))  # read_committed
+    report("aborted transaction", inputs=n, transactions=len(calls), aborted=len(aborts), outputs=sum(outputs.values()))
+    assert len(aborts) == 1 and sum(done) == n
+    assert outputs == Counter(f"in-{i}/out".encode() for i in range(n))  # each exactly once: the aborted copy is never read
 
 
 # --- the broker restarted under a running stream -------------------------------------------

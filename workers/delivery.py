@@ -25,6 +25,8 @@ can de-duplicate):
 | broker or coordinator unreachable at commit    | the commit is retried for COMMIT_RETRY_S, then skipped     |
 | (a broker restart)                             | (logged): the next commit covers the batch, or it is redone|
 | sends while the broker is away                 | retried by the producer until delivery_timeout_ms (120 s)  |
+| the member is (re)joining its group            | polls wait REJOIN_POLL_MS, so the join completes inside    |
+|                                                | one poll (short polls can leave it rebalancing for good)   |
 | a batch slower than max.poll.interval.ms       | the worker is evicted; batches are bounded (batch_size)    |
 |                                                | so this needs a setting far below the real batch time      |
 
@@ -68,7 +70,7 @@ from kafka.errors import (
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from schemas.messages import H_DL_DETAIL, H_DL_OFFSET, H_DL_PARTITION, H_DL_REASON, H_DL_TOPIC, H_DL_WORKER
 
@@ -78,6 +80,11 @@ Headers = list[tuple[str, bytes]]
 # lost: the next owner of the partitions starts from the last committed offset (and
 # redoes the batch: duplicates), or this member keeps them and its next commit covers it.
 BUSY_POLL_MS = 100
+# While the member is (re)joining its group, polls wait at least this long. kafka-python 3
+# drives JoinGroup/SyncGroup inside poll; a join that completes after the poll has given up
+# is not picked up by the next short poll (seen here: a member stuck REBALANCING for minutes,
+# every commit refused, until the broker dropped it). A long poll lets the join finish.
+REJOIN_POLL_MS = 3000
 
 COMMIT_REFUSED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 # How long a commit is retried while the broker or group coordinator is unreachable. After
@@ -217,6 +224,9 @@ class BatchLoop:
         self.on_abort = on_abort  # after an aborted transaction: undo what handle changed in the worker
 
     def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float]:
+        group = self.consumer.group_metadata()
+        if group.group_id is not None and group.state != MemberState.STABLE:
+            timeout_ms = max(timeout_ms, REJOIN_POLL_MS)
         start = time.perf_counter()
         batch = poll_batch(self.consumer, self.batch_size, timeout_ms)
         return batch, time.perf_counter() - start

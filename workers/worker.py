@@ -2,6 +2,7 @@
 follower, signals, and the batch loop of :mod:`workers.delivery` around its ``handle``."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import socket
@@ -172,6 +173,7 @@ class BundleWorker(ABC):
     @classmethod
     def main(cls, settings: Settings) -> int:
         configure_logging()
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: every thread's stack to stderr
         worker = cls(settings)
 
         def stop(signum, _frame):  # finish and commit the batch in flight, then leave the group

@@ -204,7 +204,7 @@ def test_inversion_worker_killed_mid_batch_republishes_nothing_and_replicas_repl
     s = stream_settings
     s.worker.bundle = tiny_bundle_dir
     s.worker.inversion_batch_size = 8
-    s.inversion.steps = 30  # slower batches, so the kill lands inside one
+    s.inversion.steps = 200  # slow batches (seconds each), so the kill lands inside the stream
     s.bank.capacity = 6
     legit, poison = crafted_candidates(tiny_bundle_dir, 40, seed=3), poisoned_candidates(tiny_bundle_dir, 16)
     mixed = [c for pair in zip(legit, poison + [None] * len(legit)) for c in pair if c is not None]
@@ -212,7 +212,6 @@ def test_inversion_worker_killed_mid_batch_republishes_nothing_and_replicas_repl
     inverter.wait_ready()
     produce_records(s, [(c.frame_id, c.to_bytes(), None) for c in mixed], topic=s.topics.candidates)
     wait_for(lambda: inverter.status().get("candidates", 0) >= 8, 120, "a first batch inverted")
-    time.sleep(0.4)
     before = inverter.status()
     inverter.kill()
     inverter = workers("invert-worker", s, "inverter")
@@ -230,6 +229,7 @@ def test_inversion_worker_killed_mid_batch_republishes_nothing_and_replicas_repl
     report("inversion worker kill -9", candidates=len(mixed), poisoned=len(poison), done_before_kill=before.get("candidates"),
            done_after_restart=truth["candidates"], published=sum(published.values()),
            tombstones=sum(1 for r in negatives if r.value is None), live=len(live_keys), bank_size=truth["bank_size"])
+    assert before["candidates"] < len(mixed)  # the kill came mid-stream, batches still to do
     assert published and max(published.values()) == 1  # no negative published twice, across the kill
     assert not poison_ids & set(published)  # crafted next to the ID prototypes: never admitted
     assert len(live_keys) <= s.bank.capacity and truth["bank_size"] <= s.bank.capacity  # the bound holds

@@ -125,3 +125,11 @@ def test_missing_weights_say_how_to_run(tmp_path, images):
     done = run(env, "prepare", "--classes", str(images[0]), "--out", str(tmp_path / "b"))
     assert done.returncode == 2
     assert "INTERNEG_MODEL__NAME=interneg-tiny" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_unreachable_cluster_gets_one_error_line(capsys):
+    """kafka-python gives up bootstrapping after its own timeout (about 30 s); the CLI says so in one line."""
+    status = main(["topics", "--bootstrap", "127.0.0.1:1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert err[0].startswith("error: Kafka: ") and "Unable to bootstrap" in err[0] and "INTERNEG_KAFKA__BOOTSTRAP_SERVERS" in err[0]

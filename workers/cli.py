@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; known failures print one 'error:' line and exit with status 2."""
     import click
     from pydantic import ValidationError
+    from kafka.errors import KafkaError
 
     from pipeline.model import ModelLoadError
 
@@ -370,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (CliError, ModelLoadError, ValueError, OSError) as exc:  # bundle, classes and image errors are ValueErrors
         _say(f"error: {exc}")
+        return 2
+    except KafkaError as exc:  # what escapes the clients is the cluster being unreachable or refusing
+        _say(f"error: Kafka: {exc} (check INTERNEG_KAFKA__BOOTSTRAP_SERVERS / --bootstrap and that the brokers are up)")
         return 2
     return result if isinstance(result, int) else 0
 

@@ -120,8 +120,13 @@ def test_two_workers_split_partitions_and_a_killed_one_loses_nothing(stream_sett
     assert duplicates <= 4 * settings.worker.batch_size  # only the killed worker's uncommitted batches repeat
     by_worker = Counter(s.worker for s in scores)
     assert by_worker["scorer-a"] > 0 and by_worker["scorer-b"] > 0
-    partitions_of = {w: {s.source.partition for s in scores if s.worker == w} for w in by_worker}
-    assert partitions_of["scorer-b"] == {0, 1, 2, 3}  # the survivor took over every partition
+    # the survivor took over every partition: frames sent now, to all of them, are all its own
+    later = produce_records(settings, [frame_record(n + i, jpeg(i), camera=f"cam-{i % 8}") for i in range(40)])
+    assert {m.partition for m in later} == {0, 1, 2, 3}
+    records = read_topic(settings, settings.topics.scores, expect=len(records) + 40, timeout_s=120, idle_s=2)
+    fresh = [s for s in map(lambda r: FrameScore.from_bytes(r.value), records) if int(s.frame_id[1:]) >= n]
+    assert {(s.source.partition, s.source.offset) for s in fresh} == {(m.partition, m.offset) for m in later}
+    assert {s.worker for s in fresh} == {"scorer-b"}
 
 
 def crafted_candidates(bundle_dir, n: int, seed: int = 0) -> list[Candidate]:

@@ -223,20 +223,28 @@ class BatchLoop:
         self.transactional = transactional
         self.on_abort = on_abort  # after an aborted transaction: undo what handle changed in the worker
 
-    def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float]:
+    def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float, Any]:
+        """A batch, the seconds it took, and the group membership it was polled under.
+
+        Exactly-once commits a batch's offsets with that membership, not the one current at
+        commit time: the overlapped loop polls batch n+1 (which may complete a rebalance)
+        before it commits batch n, and the broker must fence n's offsets if its partitions
+        have moved meanwhile (KIP-447) rather than accept them from the member that now
+        holds a newer generation.
+        """
         group = self.consumer.group_metadata()
         if group.group_id is not None and group.state != MemberState.STABLE:
             timeout_ms = max(timeout_ms, REJOIN_POLL_MS)
         start = time.perf_counter()
         batch = poll_batch(self.consumer, self.batch_size, timeout_ms)
-        return batch, time.perf_counter() - start
+        return batch, time.perf_counter() - start, self.consumer.group_metadata()
 
     def _timed_prepare(self, batch: list[ConsumerRecord]) -> tuple[Any, float]:
         start = time.perf_counter()
         prepared = self.prepare(batch) if self.prepare is not None else None
         return prepared, time.perf_counter() - start
 
-    def _handle_and_send(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float]) -> tuple:
+    def _handle_and_send(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float], group: Any) -> tuple:
         start = time.perf_counter()
         outputs = self.handle(batch, prepared)
         handled = time.perf_counter()
@@ -244,14 +252,14 @@ class BatchLoop:
             self.producer.begin_transaction()
         futures = send(self.producer, outputs)
         stages.update(handle=handled - start, send=time.perf_counter() - handled)
-        return batch, outputs, futures, stages, start
+        return batch, outputs, futures, stages, start, group
 
     def _confirm_and_commit(self, in_flight: tuple) -> BatchStats:
         """Wait for every acknowledgement of a batch's outputs, then commit it: the only commit there is."""
-        batch, outputs, futures, stages, start = in_flight
+        batch, outputs, futures, stages, start, group = in_flight
         waited = time.perf_counter()
         if self.transactional:
-            committed = self._commit_transaction(batch, futures)
+            committed = self._commit_transaction(batch, futures, group)
             acked = waited
         else:
             confirm(self.producer, futures)
@@ -283,11 +291,11 @@ class BatchLoop:
                     return False
                 time.sleep(0.5)
 
-    def _commit_transaction(self, batch: list[ConsumerRecord], futures: list) -> bool:
+    def _commit_transaction(self, batch: list[ConsumerRecord], futures: list, group: Any) -> bool:
         """Outputs and input offsets in one transaction; False if it was aborted instead."""
         try:
             confirm(self.producer, futures)
-            self.producer.send_offsets_to_transaction(next_offsets(batch), self.consumer.group_metadata())
+            self.producer.send_offsets_to_transaction(next_offsets(batch), group)
             self.producer.commit_transaction()
             return True
         except ProducerFencedError:
@@ -306,17 +314,17 @@ class BatchLoop:
                 self.consumer.seek(tp, offset)
         self.on_abort()
 
-    def _finish(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float]) -> BatchStats:
-        return self._confirm_and_commit(self._handle_and_send(batch, prepared, stages))
+    def _finish(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float], group: Any) -> BatchStats:
+        return self._confirm_and_commit(self._handle_and_send(batch, prepared, stages, group))
 
     def run_once(self) -> BatchStats | None:
         """One batch without overlap (what the tests and the inversion worker use)."""
         self.between_batches()
-        batch, poll_s = self._poll(self.batch_timeout_ms)
+        batch, poll_s, group = self._poll(self.batch_timeout_ms)
         if not batch:
             return None
         prepared, prepare_s = self._timed_prepare(batch)
-        stats = self._finish(batch, prepared, {"poll": poll_s, "prepare": prepare_s, "wait": 0.0})
+        stats = self._finish(batch, prepared, {"poll": poll_s, "prepare": prepare_s, "wait": 0.0}, group)
         if self.transactional and not stats.committed:
             self._rewind(batch)
         return stats
@@ -337,7 +345,7 @@ class BatchLoop:
         """A three-stage pipeline: batch n+1 is prepared and batch n-1's acknowledgements
         arrive while batch n is handled; each batch still commits only after its own acks."""
         with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
-            pending = None  # polled, being prepared: (batch, future, poll seconds)
+            pending = None  # polled, being prepared: (batch, future, poll seconds, group membership)
             in_flight = None  # handled and sent, not yet confirmed and committed
             while True:
                 stopping = self.should_stop()
@@ -349,16 +357,16 @@ class BatchLoop:
                     # completes a group rejoin inside a poll that may wait; with 20 ms polls a
                     # busy member never rejoined and kept consuming with refused commits.
                     busy = pending is not None or in_flight is not None
-                    batch, poll_s = self._poll(min(BUSY_POLL_MS, self.batch_timeout_ms) if busy else self.batch_timeout_ms)
+                    batch, poll_s, group = self._poll(min(BUSY_POLL_MS, self.batch_timeout_ms) if busy else self.batch_timeout_ms)
                     if batch:
-                        following = (batch, executor.submit(self._timed_prepare, batch), poll_s)
+                        following = (batch, executor.submit(self._timed_prepare, batch), poll_s, group)
                 sent = None
                 if pending is not None:
-                    batch, future, poll_s = pending
+                    batch, future, poll_s, group = pending
                     waited = time.perf_counter()
                     prepared, prepare_s = future.result()
                     stages = {"poll": poll_s, "prepare": prepare_s, "wait": time.perf_counter() - waited}
-                    sent = self._handle_and_send(batch, prepared, stages)
+                    sent = self._handle_and_send(batch, prepared, stages, group)
                     if self.transactional:  # one transaction at a time: commit before the next batch
                         if not self._confirm_and_commit(sent).committed:
                             self._rewind(batch + (following[0] if following else []))

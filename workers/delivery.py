@@ -46,6 +46,8 @@ still overlaps); the failure table becomes:
 |                                                | init_transactions, or after transaction_timeout_ms): its   |
 |                                                | outputs are never visible to read_committed readers; the   |
 |                                                | batch is redone from the committed offsets                 |
+| the batch was polled while the member was     | aborted without trying (its partitions may be moving and   |
+| rebalancing                                    | its generation already the new one): rewound and redone    |
 | the transaction cannot commit (rebalance:      | it is aborted, the consumer rewinds to the batch's first   |
 | stale generation; broker errors)               | offsets and the prefetched batch is dropped: both are      |
 |                                                | polled again (if this member still owns them) or redone by |
@@ -294,6 +296,10 @@ class BatchLoop:
     def _commit_transaction(self, batch: list[ConsumerRecord], futures: list, group: Any) -> bool:
         """Outputs and input offsets in one transaction; False if it was aborted instead."""
         try:
+            if group.state != MemberState.STABLE:
+                # polled mid-rebalance: its partitions may be on their way to another member,
+                # and the generation may already be the new one, which the broker would accept
+                raise KafkaError("batch polled while the group was rebalancing")
             confirm(self.producer, futures)
             self.producer.send_offsets_to_transaction(next_offsets(batch), group)
             self.producer.commit_transaction()

@@ -17,10 +17,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from kafka import TopicPartition
 from kafka.errors import KafkaError
 from PIL import Image
 
+from bench.stream_bench import CommitWatcher
 from conftest import BROKER, fresh_deployment
 from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
@@ -36,12 +36,11 @@ pytestmark = pytest.mark.fault
 
 def committed(settings, group: str, topic: str) -> int:
     """Offsets the group has committed on ``topic``, summed over partitions."""
-    consumer = make_consumer(settings.kafka, group_id=group)  # never subscribes: reads the group's offsets only
+    watcher = CommitWatcher(settings, topic, group)
     try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        return sum(consumer.committed(tp) or 0 for tp in partitions)
+        return watcher.committed()
     finally:
-        consumer.close(autocommit=False)
+        watcher.close()
 
 
 def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.3):

@@ -295,11 +295,11 @@ class BatchLoop:
 
     def _commit_transaction(self, batch: list[ConsumerRecord], futures: list, group: Any) -> bool:
         """Outputs and input offsets in one transaction; False if it was aborted instead."""
+        if group.state != MemberState.STABLE:
+            # polled mid-rebalance: its partitions may be on their way to another member, and
+            # the generation may already be the new one, which the broker would accept
+            return self._abort(batch, "batch polled while the group was rebalancing")
         try:
-            if group.state != MemberState.STABLE:
-                # polled mid-rebalance: its partitions may be on their way to another member,
-                # and the generation may already be the new one, which the broker would accept
-                raise KafkaError("batch polled while the group was rebalancing")
             confirm(self.producer, futures)
             self.producer.send_offsets_to_transaction(next_offsets(batch), group)
             self.producer.commit_transaction()
@@ -307,10 +307,13 @@ class BatchLoop:
         except ProducerFencedError:
             raise
         except KafkaError as exc:
-            if self.log is not None:
-                self.log.warning("transaction aborted", error=f"{type(exc).__name__}: {exc}", records=len(batch))
-            self.producer.abort_transaction()  # raises if the producer is in a fatal state: the worker exits
-            return False
+            return self._abort(batch, f"{type(exc).__name__}: {exc}")
+
+    def _abort(self, batch: list[ConsumerRecord], why: str) -> bool:
+        if self.log is not None:
+            self.log.warning("transaction aborted", error=why, records=len(batch))
+        self.producer.abort_transaction()  # raises if the producer is in a fatal state: the worker exits
+        return False
 
     def _rewind(self, records: Sequence[ConsumerRecord]) -> None:
         """After an aborted transaction: poll ``records`` again where this member still owns them."""

@@ -106,6 +106,11 @@ class NegativeFollower:
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         try:
             negative = int(key.decode())
+            if value is not None and negative in self.seen_ids and negative not in self.bank.entries:
+                # an id once removed stays removed (ids are never reused): the inversion worker
+                # reading back its own negative after it already evicted it must not revive it
+                # until the tombstone that follows arrives (seen: bank 5 with capacity 4)
+                return
             self.seen_ids.add(negative)
             if value is None:
                 self.bank.remove(negative)

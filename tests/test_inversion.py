@@ -44,3 +44,23 @@ def test_separation_regulariser_pushes_away_from_prototypes(tiny_model):
     plain = TextInverter(tiny_model, InversionSettings(steps=30), prototypes).invert(target)
     pushed = TextInverter(tiny_model, InversionSettings(steps=30, reg_weight=0.3), prototypes).invert(target)
     assert (pushed @ prototypes.T).mean() < (plain @ prototypes.T).mean()
+
+
+def test_prefix_cached_tower_equals_the_whole_sentence_tower(tiny_model):
+    """The cached-prefix path gives the features and gradients of running every template in full."""
+    from pipeline.inversion import PrefixCachedTower
+
+    assert PrefixCachedTower.supports(tiny_model.model)
+    inverter = TextInverter(tiny_model, InversionSettings())
+    assert inverter.tower is not None
+    generator = torch.Generator().manual_seed(0)
+    template_idx = torch.cat([torch.arange(80), torch.randint(80, (5,), generator=generator)])  # every template
+    fast = (torch.randn(85, tiny_model.token_width, generator=generator) * 0.02).requires_grad_(True)
+    full = fast.detach().clone().requires_grad_(True)
+    target = torch.nn.functional.normalize(torch.randn(85, tiny_model.embed_dim, generator=generator), dim=-1)
+    a, b = inverter._encode(fast, template_idx), inverter._encode_full(full, template_idx)
+    (a * target).sum().backward()
+    (b * target).sum().backward()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast.grad, full.grad, rtol=0, atol=1e-5)
+    assert full.grad.abs().max() > 0.1  # the gradient compared is not vanishing

@@ -153,7 +153,7 @@ def raw_encoder(
     out.update(image_size=list(_image_size(loaded)), repeats=repeats, warmup=warmup, batches={})
     for batch in batch_sizes:
         images = _random_images(loaded, batch)
-        times = _time_calls(lambda: loaded.encode_images(images), loaded.device, repeats=repeats, warmup=warmup)
+        times = _time_calls(lambda images=images: loaded.encode_images(images), loaded.device, repeats=repeats, warmup=warmup)
         out["batches"][str(batch)] = {"batch": int(batch), "frames": _rate(batch, times)}
         del images
     best = max(out["batches"].values(), key=lambda row: row["frames"]["per_s"]["median"])

@@ -12,6 +12,7 @@ import statistics
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from kafka import TopicPartition
@@ -141,11 +142,21 @@ def batch_lines(worker: WorkerProcess) -> list[dict]:
     return lines
 
 
-def worker_throughput(deployment: Deployment, *, frames: int, batch_size: int, repeats: int = 3) -> dict:
-    """Frames/s of one scoring worker, frames topic -> committed scores, on a pre-filled topic."""
-    runs, stage_ms = [], {k: [] for k in STAGES}
+def worker_throughput(
+    deployment: Deployment, *, frames: int, batch_size: int, repeats: int = 3, limit: Callable[[], float] | None = None
+) -> dict:
+    """Frames/s of one scoring worker, frames topic -> committed scores, on a pre-filled topic.
+
+    With ``limit`` (a measurement of the raw encoder's frames/s) the limit is measured
+    before each repeat and after the last, and each repeat's ratio is its frames/s over the
+    mean of the two limits around it: a shared machine drifts by more than the 10 % asked
+    of this ratio between measurements minutes apart.
+    """
+    runs, stage_ms, limits = [], {k: [] for k in STAGES}, []
     data = sample_frames(frames)
     for repeat in range(repeats):
+        if limit is not None:
+            limits.append(limit())
         s = deployment.fresh_topics()
         s.worker.batch_size = batch_size
         fill_frames(s, data)
@@ -164,13 +175,20 @@ def worker_throughput(deployment: Deployment, *, frames: int, batch_size: int, r
             stage_ms[k].append(1000 * sum(line["stages"].get(k, 0.0) for line in steady) / max(n, 1))
         busy = sum(line["seconds"] + line["stages"].get("poll", 0.0) for line in steady)
         runs.append({"wall_fps": frames / elapsed, "steady_fps": n / busy if busy else float("nan")})
-    return {
+    out = {
         "frames": frames,
         "batch_size": batch_size,
         "wall_fps": spread([r["wall_fps"] for r in runs]),
         "steady_fps": spread([r["steady_fps"] for r in runs]),
         "stage_ms_per_frame": {k: spread(v) for k, v in stage_ms.items()},
     }
+    if limit is not None:
+        limits.append(limit())
+        around = [(limits[i] + limits[i + 1]) / 2 for i in range(repeats)]
+        out["limit_fps"] = limits
+        out["ratio_steady"] = spread([r["steady_fps"] / a for r, a in zip(runs, around)])
+        out["ratio_wall"] = spread([r["wall_fps"] / a for r, a in zip(runs, around)])
+    return out
 
 
 def alert_latency(deployment: Deployment, *, rate: float, seconds: float, batch_size: int, rss_every_s: float = 10.0) -> dict:

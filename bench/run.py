@@ -68,7 +68,9 @@ def table(report: dict) -> str:
     lines.append(f"inversion: {p['inversion']['best_fps']:.2f} frames/s (batch {p['inversion']['best_batch']}); ratio to the scoring worker {s['inversion_ratio']:.2f}")
     if "propagation" in s:
         d = s["propagation"]["delay_s"]
-        lines.append(f"negative propagation to {s['propagation']['workers']} workers: p50 {d['p50']:.3f} s, p99 {d['p99']:.3f} s")
+        missed = s["propagation"].get("not_applied_in_30s", 0)
+        lines.append(f"negative propagation to {s['propagation']['workers']} workers: p50 {d['p50']:.3f} s, p99 {d['p99']:.3f} s"
+                     + (f"; NOT APPLIED within 30 s: {missed} of {s['propagation']['negatives']}" if missed else ""))
     if "latency" in s:
         lat, rss = s["latency"]["latency_s"], s["latency"]["rss_kib"]
         lines.append(f"alert latency at {s['latency']['rate_fps']:.1f} frames/s: p50 {lat['p50']:.3f} s, p99 {lat['p99']:.3f} s")

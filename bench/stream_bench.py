@@ -263,6 +263,13 @@ def propagation(deployment: Deployment, *, negatives: int, workers: int, rate: f
     refuse = inadmissible_to(load_bundle(Path(s.worker.bundle))) or (lambda v: None)
     producer = make_producer(s.kafka, linger_ms=0)
     data = sample_frames(8)
+    # warm-up: every worker has joined the group and handled a batch (the second worker's
+    # join rebalances the first, whose polls then wait up to REJOIN_POLL_MS: not the steady state)
+    warm_until = time.monotonic() + 120
+    while time.monotonic() < warm_until and min(w.status().get("batches", 0) for w in scorers) < 2:
+        producer.send(s.topics.frames, key=b"bench", value=data[0],
+                      headers=[(H_FRAME_ID, f"warm-{time.monotonic_ns()}".encode()), (H_CONTENT_TYPE, b"image/jpeg")])
+        time.sleep(1.0 / rate)
     rng = np.random.default_rng(0)
     delays = []
     for n in range(negatives):

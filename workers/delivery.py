@@ -27,6 +27,8 @@ can de-duplicate):
 | sends while the broker is away                 | retried by the producer until delivery_timeout_ms (120 s)  |
 | the member is (re)joining its group            | polls wait REJOIN_POLL_MS, so the join completes inside    |
 |                                                | one poll (short polls can leave it rebalancing for good)   |
+| kafka-python leaves the member half-joined     | after HALF_JOINED_S the member leaves the group and        |
+| (fetching while REBALANCING, heartbeats off)   | subscribes again; until then its commits are refused       |
 | a batch slower than max.poll.interval.ms       | the worker is evicted; batches are bounded (batch_size)    |
 |                                                | so this needs a setting far below the real batch time      |
 
@@ -48,10 +50,17 @@ still overlaps); the failure table becomes:
 |                                                | batch is redone from the committed offsets                 |
 | the batch was polled while the member was     | aborted without trying (its partitions may be moving and   |
 | rebalancing                                    | its generation already the new one): rewound and redone    |
-| the transaction cannot commit (rebalance:      | it is aborted, the consumer rewinds to the batch's first   |
-| stale generation; broker errors)               | offsets and the prefetched batch is dropped: both are      |
-|                                                | polled again (if this member still owns them) or redone by |
-|                                                | the new owner                                              |
+| the transaction cannot commit (rebalance:      | it is aborted, the prefetched batch is dropped, and every  |
+| stale generation; broker errors)               | partition this member owns is sought to its committed      |
+|                                                | offset: polled again here, or redone by the new owner      |
+| a rebalance completes inside a poll (a new     | the records of that poll are dropped and every owned       |
+| generation or member id)                       | partition is sought to its committed offset, read stable.  |
+|                                                | kafka-python keeps a position across a rebalance when the  |
+|                                                | member held the partition before and after, even if another|
+|                                                | member committed past it in a generation between (seen:    |
+|                                                | 64 frames committed twice in 20,000 over seven kill -9s)   |
+| the committed offsets cannot be read for       | KafkaTimeoutError: the worker exits non-zero; its          |
+| COMMIT_RETRY_S                                 | successor starts from the committed offsets                |
 | another producer took over the transactional   | ProducerFencedError: the worker exits non-zero (a zombie   |
 | id (a second worker started with the same name)| must not keep writing)                                     |
 """
@@ -87,6 +96,9 @@ BUSY_POLL_MS = 100
 # is not picked up by the next short poll (seen here: a member stuck REBALANCING for minutes,
 # every commit refused, until the broker dropped it). A long poll lets the join finish.
 REJOIN_POLL_MS = 3000
+# A member whose polls bring records while it is not STABLE for this long is half-joined
+# (see BatchLoop._rejoin_afresh): it leaves and joins again.
+HALF_JOINED_S = 10.0
 
 COMMIT_REFUSED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 # How long a commit is retried while the broker or group coordinator is unreachable. After
@@ -146,15 +158,6 @@ def next_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, Offs
         tp = TopicPartition(r.topic, r.partition)
         highest[tp] = max(highest.get(tp, -1), r.offset)
     return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in highest.items()}
-
-
-def first_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, int]:
-    """The lowest offset per partition: where to seek back to redo ``records``."""
-    lowest: dict[TopicPartition, int] = {}
-    for r in records:
-        tp = TopicPartition(r.topic, r.partition)
-        lowest[tp] = min(lowest.get(tp, r.offset), r.offset)
-    return lowest
 
 
 def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int) -> list[ConsumerRecord]:
@@ -224,6 +227,8 @@ class BatchLoop:
         self.log = log
         self.transactional = transactional
         self.on_abort = on_abort  # after an aborted transaction: undo what handle changed in the worker
+        self._membership: tuple | None = None  # (generation, member id) at the last poll; None before the first
+        self._half_joined_since: float | None = None  # first poll that brought records while not STABLE
 
     def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float, Any]:
         """A batch, the seconds it took, and the group membership it was polled under.
@@ -239,7 +244,59 @@ class BatchLoop:
             timeout_ms = max(timeout_ms, REJOIN_POLL_MS)
         start = time.perf_counter()
         batch = poll_batch(self.consumer, self.batch_size, timeout_ms)
-        return batch, time.perf_counter() - start, self.consumer.group_metadata()
+        group = self.consumer.group_metadata()
+        if batch and group.group_id is not None and group.state != MemberState.STABLE:
+            self._half_joined_since = self._half_joined_since or time.monotonic()
+            if time.monotonic() - self._half_joined_since > HALF_JOINED_S:
+                self._rejoin_afresh(group)
+                group, batch = self.consumer.group_metadata(), []
+        else:
+            self._half_joined_since = None
+        membership = (group.generation_id, group.member_id)
+        if self.transactional and membership != self._membership:
+            if self._membership is not None:
+                # A rebalance completed since the last poll. kafka-python keeps the position
+                # of a partition this member held before and holds after it, even when
+                # another member owned it in between (in a generation whose assignment
+                # never reached this one) and committed past that position: redoing from
+                # there commits those frames twice. Only the committed offsets can be trusted.
+                if self.log is not None and batch:
+                    self.log.info("new group generation: batch dropped, positions reset to the committed offsets",
+                                  generation=group.generation_id, records=len(batch))
+                self._seek_to_committed()
+                batch = []
+            self._membership = membership
+        return batch, time.perf_counter() - start, group
+
+    def _rejoin_afresh(self, group: Any) -> None:
+        """Leave the group and subscribe again: the way out of kafka-python's half-joined state.
+
+        kafka-python 3.0.12 can finish a JoinGroup/SyncGroup in the background after the poll
+        that started it gave up, and a later poll may then find no reason to rejoin: the
+        member fetches while its state stays REBALANCING, with heartbeats off, until the
+        broker evicts it, and it never learns (reproduced by the test of a rebalance with a
+        stale position: the broker showed the group Stable, the member stayed REBALANCING).
+        Exactly-once aborts every such batch, so the worker would spin without progress.
+        """
+        if self.log is not None:
+            self.log.warning("member fetching while still rebalancing: leaving and joining the group afresh",
+                             generation=group.generation_id, seconds=round(time.monotonic() - self._half_joined_since, 1))
+        topics = sorted(self.consumer.subscription() or [])
+        self.consumer.unsubscribe()  # leaves the group and resets the member's generation
+        self.consumer.subscribe(topics)
+        self._half_joined_since = None
+
+    def _seek_to_committed(self) -> None:
+        """Every owned partition back to its committed offset, read stable (the broker makes
+        the read wait for a transaction still open on it): where exactly-once resumes."""
+        deadline = time.monotonic() + COMMIT_RETRY_S
+        for tp in self.consumer.assignment():
+            remaining_ms = max(1, int(1000 * (deadline - time.monotonic())))
+            offset = self.consumer.committed(tp, timeout_ms=remaining_ms)  # KafkaTimeoutError: the worker exits
+            if offset is None:
+                self.consumer.seek_to_beginning(tp)  # never committed: auto_offset_reset is earliest
+            else:
+                self.consumer.seek(tp, offset)
 
     def _timed_prepare(self, batch: list[ConsumerRecord]) -> tuple[Any, float]:
         start = time.perf_counter()
@@ -315,12 +372,13 @@ class BatchLoop:
         self.producer.abort_transaction()  # raises if the producer is in a fatal state: the worker exits
         return False
 
-    def _rewind(self, records: Sequence[ConsumerRecord]) -> None:
-        """After an aborted transaction: poll ``records`` again where this member still owns them."""
-        owned = self.consumer.assignment()
-        for tp, offset in first_offsets(records).items():
-            if tp in owned:
-                self.consumer.seek(tp, offset)
+    def _rewind(self) -> None:
+        """After an aborted transaction: poll again from the committed offsets of what this member owns.
+
+        Not from the aborted batch's own first offsets: if its partitions changed hands and
+        came back meanwhile, another member may have committed past them.
+        """
+        self._seek_to_committed()
         self.on_abort()
 
     def _finish(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float], group: Any) -> BatchStats:
@@ -335,7 +393,7 @@ class BatchLoop:
         prepared, prepare_s = self._timed_prepare(batch)
         stats = self._finish(batch, prepared, {"poll": poll_s, "prepare": prepare_s, "wait": 0.0}, group)
         if self.transactional and not stats.committed:
-            self._rewind(batch)
+            self._rewind()
         return stats
 
     def run(self) -> None:
@@ -378,8 +436,8 @@ class BatchLoop:
                     sent = self._handle_and_send(batch, prepared, stages, group)
                     if self.transactional:  # one transaction at a time: commit before the next batch
                         if not self._confirm_and_commit(sent).committed:
-                            self._rewind(batch + (following[0] if following else []))
-                            following = None  # dropped: polled again from the rewound positions
+                            self._rewind()
+                            following = None  # dropped: polled again from the committed offsets
                         sent = None
                 if in_flight is not None:
                     self._confirm_and_commit(in_flight)

@@ -18,6 +18,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from kafka import TopicPartition
+from kafka.structs import MemberState, OffsetAndMetadata
 from kafka.errors import KafkaError
 from PIL import Image
 
@@ -27,7 +28,7 @@ from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
 from schemas.messages import H_CONTENT_TYPE, H_DL_REASON, H_FRAME_ID, H_TS, Candidate, FrameScore, NegativeRecord, Vector
 from test_streaming import crafted_candidates, frame_record, jpeg, read_topic, scores_by_frame
-from workers.delivery import BatchLoop, Output
+from workers.delivery import BatchLoop, Output, abort_transaction
 from workers.kafka_clients import make_consumer, make_producer
 from workers.negatives import NegativeFollower, inadmissible_to, negative_id
 from workers.producer import produce_records
@@ -151,6 +152,39 @@ def test_an_aborted_transaction_is_redone_and_its_outputs_are_never_read(stream_
     report("aborted transaction", inputs=n, transactions=len(calls), aborted=len(aborts), outputs=sum(outputs.values()))
     assert len(aborts) == 1 and sum(done) == n
     assert outputs == Counter(f"in-{i}/out".encode() for i in range(n))  # each exactly once: the aborted copy is never read
+
+
+def test_offsets_of_an_aborted_transaction_are_not_committed_by_the_next_one(stream_settings):
+    """A transaction whose offsets the group refused (a stale generation) is aborted; the
+    producer's next transaction, for another partition, must not carry the refused offsets
+    along (kafka-python 3.0.12 does unless abort_transaction forgets them). Here they would
+    move partition p's committed offset back from 5 to 3: another member's frames redone."""
+    s = stream_settings
+    consumer = make_consumer(s.kafka, s.topics.frames, group_id=s.kafka.scoring_group, isolation_level="read_committed")
+    wait_for(lambda: consumer.poll(timeout_ms=200) is not None and consumer.group_metadata().state == MemberState.STABLE
+             and consumer.assignment(), 60, "the member joined")
+    group = consumer.group_metadata()
+    stale = group._replace(generation_id=group.generation_id + 100)
+    p, q = TopicPartition(s.topics.frames, 0), TopicPartition(s.topics.frames, 1)
+    producer = make_producer(s.kafka, transactional_id=f"offsets-test-{s.kafka.scoring_group}")
+    producer.init_transactions()
+
+    def transaction(offsets, membership):
+        producer.begin_transaction()
+        producer.send(s.topics.scores, b"x")
+        producer.send_offsets_to_transaction({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, membership)
+        producer.commit_transaction()
+
+    transaction({p: 5}, group)
+    with pytest.raises(KafkaError):
+        transaction({p: 3}, stale)  # refused: ILLEGAL_GENERATION
+    abort_transaction(producer)
+    transaction({q: 7}, group)
+    report("aborted offsets", committed_p=consumer.committed(p), committed_q=consumer.committed(q))
+    assert consumer.committed(q) == 7
+    assert consumer.committed(p) == 5
+    producer.close()
+    consumer.close()
 
 
 def test_exactly_once_resumes_from_committed_offsets_after_a_rebalance_not_from_its_own_position(stream_settings):

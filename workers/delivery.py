@@ -59,6 +59,8 @@ still overlaps); the failure table becomes:
 |                                                | member held the partition before and after, even if another|
 |                                                | member committed past it in a generation between (seen:    |
 |                                                | 64 frames committed twice in 20,000 over seven kill -9s)   |
+| the offsets of an aborted transaction          | forgotten with it (abort_transaction): kafka-python would  |
+| (TxnOffsetCommit refused)                      | send them again with the next transaction                  |
 | the committed offsets cannot be read for       | KafkaTimeoutError: the worker exits non-zero; its          |
 | COMMIT_RETRY_S                                 | successor starts from the committed offsets                |
 | another producer took over the transactional   | ProducerFencedError: the worker exits non-zero (a zombie   |
@@ -158,6 +160,23 @@ def next_offsets(records: Sequence[ConsumerRecord]) -> dict[TopicPartition, Offs
         tp = TopicPartition(r.topic, r.partition)
         highest[tp] = max(highest.get(tp, -1), r.offset)
     return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in highest.items()}
+
+
+def abort_transaction(producer: KafkaProducer) -> None:
+    """Abort the open transaction, and forget the input offsets it failed to add.
+
+    kafka-python 3.0.12 keeps the offsets of a TxnOffsetCommit that failed (say with
+    ILLEGAL_GENERATION after a rebalance) in its pending set after the abort, and sends them
+    again with the producer's next transaction: that commits offsets of partitions this
+    member may no longer own, moving another member's committed offset back (its frames
+    are redone: seen as 132 frames scored twice in 20,000) or forward (frames skipped at
+    the next rebalance). The Java client clears the set when a transaction completes.
+    """
+    producer.abort_transaction()
+    manager = getattr(producer, "_transaction_manager", None)
+    pending = getattr(manager, "_pending_txn_offset_commits", None)
+    if pending:
+        pending.clear()
 
 
 def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int) -> list[ConsumerRecord]:
@@ -369,7 +388,7 @@ class BatchLoop:
     def _abort(self, batch: list[ConsumerRecord], why: str) -> bool:
         if self.log is not None:
             self.log.warning("transaction aborted", error=why, records=len(batch))
-        self.producer.abort_transaction()  # raises if the producer is in a fatal state: the worker exits
+        abort_transaction(self.producer)  # raises if the producer is in a fatal state: the worker exits
         return False
 
     def _rewind(self) -> None:

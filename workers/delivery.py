@@ -57,8 +57,7 @@ still overlaps); the failure table becomes:
 | generation or member id)                       | partition is sought to its committed offset, read stable.  |
 |                                                | kafka-python keeps a position across a rebalance when the  |
 |                                                | member held the partition before and after, even if another|
-|                                                | member committed past it in a generation between (seen:    |
-|                                                | 64 frames committed twice in 20,000 over seven kill -9s)   |
+|                                                | member committed past it in a generation between           |
 | the offsets of an aborted transaction          | forgotten with it (abort_transaction): kafka-python would  |
 | (TxnOffsetCommit refused)                      | send them again with the next transaction                  |
 | the committed offsets cannot be read for       | KafkaTimeoutError: the worker exits non-zero; its          |
@@ -169,8 +168,9 @@ def abort_transaction(producer: KafkaProducer) -> None:
     ILLEGAL_GENERATION after a rebalance) in its pending set after the abort, and sends them
     again with the producer's next transaction: that commits offsets of partitions this
     member may no longer own, moving another member's committed offset back (its frames
-    are redone: seen as 132 frames scored twice in 20,000) or forward (frames skipped at
-    the next rebalance). The Java client clears the set when a transaction completes.
+    are redone: the kill -9 test's duplicates, 64 and 132 frames in 20,000) or forward
+    (frames skipped at the next rebalance). The Java client clears the set when a
+    transaction completes.
     """
     producer.abort_transaction()
     manager = getattr(producer, "_transaction_manager", None)

@@ -258,12 +258,13 @@ def propagation(deployment: Deployment, *, negatives: int, workers: int, rate: f
     s.worker.batch_size = batch_size
     scorers = [deployment.start("score-worker", s, f"propagation-{k}") for k in range(workers)]
     model_id = scorers[0].status()["model_id"]
-    dim = _bundle_dim(s)
+    bundle = load_bundle(Path(s.worker.bundle))
+    dim = bundle.id_text.shape[1]
     # scoring workers refuse negatives that fail METHOD §2's test: publish only admissible ones
-    refuse = inadmissible_to(load_bundle(Path(s.worker.bundle))) or (lambda v: None)
+    refuse = inadmissible_to(bundle) or (lambda v: None)
     producer = make_producer(s.kafka, linger_ms=0)
     data = sample_frames(8)
-    # warm-up: every worker has joined the group and handled a batch (the second worker's
+    # warm-up: every worker has joined the group and handled two batches (the second worker's
     # join rebalances the first, whose polls then wait up to REJOIN_POLL_MS: not the steady state)
     warm_until = time.monotonic() + 120
     while time.monotonic() < warm_until and min(w.status().get("batches", 0) for w in scorers) < 2:
@@ -299,7 +300,3 @@ def propagation(deployment: Deployment, *, negatives: int, workers: int, rate: f
     return {"negatives": negatives, "workers": workers, "stream_rate_fps": rate, "batch_size": batch_size,
             "batch_timeout_ms": s.worker.batch_timeout_ms, "delay_s": percentiles(applied),
             "not_applied_in_30s": len(delays) - len(applied)}
-
-
-def _bundle_dim(settings: Settings) -> int:
-    return int(json.loads((Path(settings.worker.bundle) / "manifest.json").read_text())["embed_dim"])

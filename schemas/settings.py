@@ -125,6 +125,13 @@ class WorkerSettings(BaseModel):
     http_port: int = Field(0, ge=0, description="metrics and health endpoints; 0 picks a free port")
     name: str = Field("", description="worker name in logs and records; default host-pid")
     inversion_batch_size: int = Field(16, gt=0)
+    stall_after_s: float = Field(
+        60.0,
+        ge=5.0,
+        description="liveness bound: a worker that owns partitions with records waiting and commits nothing for this "
+        "long is stalled; it says so (log, /readyz, interneg_worker_stalled) and renews its Kafka consumer. "
+        "Keep it above the longest batch",
+    )
     exactly_once: bool = Field(
         False,
         description="consume-score-produce in Kafka transactions; readers use isolation_level=read_committed. "

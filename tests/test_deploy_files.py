@@ -173,6 +173,7 @@ def exported() -> tuple[dict[str, set[str]], dict[tuple[str, str], set[str]]]:
     m.batch_seconds.observe(0.1)
     m.end_to_end_seconds.observe(0.1)
     m.consumer_lag.labels(topic="frames", partition="0").set(1)
+    m.group_lag.labels(topic="frames").set(1)
     m.bank_size.set(1)
     m.bank_version.set(1)
     m.deadletters.labels(reason="undecodable").inc()
@@ -189,7 +190,8 @@ def test_exported_names_are_the_documented_ones():
     names, known = exported()
     for name in ("interneg_frames_total", "interneg_batch_seconds_bucket", "interneg_end_to_end_seconds_bucket",
                  "interneg_consumer_lag", "interneg_bank_size", "interneg_bank_version", "interneg_deadletters_total",
-                 "interneg_negatives_published_total", "interneg_inverted_total", "interneg_worker_info"):
+                 "interneg_negatives_published_total", "interneg_inverted_total", "interneg_worker_info",
+                 "interneg_group_lag", "interneg_worker_stalled", "interneg_consumer_renewals_total"):
         assert name in names
     assert {"scored", "alert", "deadletter", "candidate"} <= known[("interneg_frames_total", "outcome")]
 

@@ -75,15 +75,20 @@ def test_three_kill_9s_of_a_scoring_worker_lose_no_frame(stream_settings, tiny_b
     a.wait_ready()
     b.wait_ready()
     pool = [jpeg(i) for i in range(64)]
-    sent = []
+    sent, kills_done = [], threading.Event()
 
-    def stream():  # a live stream at RATE frames/s, below what the two workers manage, so both always have work
+    def stream():
+        """A live stream at RATE frames/s, below what the two workers manage, so both always
+        have work; it runs until the last restart is over (FRAMES frames at least). A stream of
+        a fixed length could end while scorer-a restarts (46 s on a loaded machine): the group
+        then had nothing left, and the wait for scorer-a at work below timed out (issue 16)."""
         producer = make_producer(s.kafka)
-        futures = []
-        for start in range(0, FRAMES, 100):
-            for i in range(start, min(FRAMES, start + 100)):
+        futures, i = [], 0
+        while i < FRAMES or not kills_done.is_set():
+            for _ in range(100):
                 key, value, headers = frame_record(i, pool[i % 64], camera=f"cam-{i % 8}")
                 futures.append(producer.send(s.topics.frames, key=key, value=value, headers=headers))
+                i += 1
             time.sleep(100 / RATE)
         producer.flush()
         sent.extend(f.get(timeout=60) for f in futures)
@@ -91,18 +96,21 @@ def test_three_kill_9s_of_a_scoring_worker_lose_no_frame(stream_settings, tiny_b
 
     streamer = threading.Thread(target=stream)
     streamer.start()
-    for fraction in KILL_AT:
-        wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= fraction * FRAMES, 300, f"{fraction:.0%} committed")
-        # killed while it works (batches in flight, maybe an open transaction), not while it starts
-        wait_for(lambda: a.status().get("batches", 0) >= 2, 120, "scorer-a at work", every_s=0.1)
-        a.kill()
-        a = workers("score-worker", s, "scorer-a")  # same name: in exactly-once mode, same transactional id
-        a.wait_ready()
-    streamer.join()
+    try:
+        for fraction in KILL_AT:
+            wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= fraction * FRAMES, 300, f"{fraction:.0%} committed")
+            # killed while it works (batches in flight, maybe an open transaction), not while it starts
+            wait_for(lambda: a.status().get("batches", 0) >= 2, 120, "scorer-a at work", every_s=0.1)
+            a.kill()
+            a = workers("score-worker", s, "scorer-a")  # same name: in exactly-once mode, same transactional id
+            a.wait_ready()
+    finally:
+        kills_done.set()
+        streamer.join()
     inputs = {(m.partition, m.offset) for m in sent}
-    assert len(inputs) == FRAMES
-    wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= FRAMES, 300, "every frame committed")
-    records = read_topic(s, s.topics.scores, expect=FRAMES, timeout_s=120, idle_s=3)  # read_committed
+    assert len(inputs) == len(sent) >= FRAMES
+    wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= len(sent), 300, "every frame committed")
+    records = read_topic(s, s.topics.scores, expect=len(sent), timeout_s=120, idle_s=3)  # read_committed
     scores = [FrameScore.from_bytes(r.value) for r in records]
     per_input = Counter((x.source.partition, x.source.offset) for x in scores)
     duplicated = sum(c - 1 for c in per_input.values())

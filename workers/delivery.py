@@ -31,6 +31,13 @@ can de-duplicate):
 | (fetching while REBALANCING, heartbeats off)   | subscribes again; until then its commits are refused       |
 | a batch slower than max.poll.interval.ms       | the worker is evicted; batches are bounded (batch_size)    |
 |                                                | so this needs a setting far below the real batch time      |
+| the member owns partitions with records waiting| stalled (LivenessWatch): one warning line, on_stall (the   |
+| and commits nothing for stall_after_s (the     | worker's /readyz and interneg_worker_stalled say so); the  |
+| client stopped fetching, or every commit of it | batch in flight is committed, a prefetched one dropped     |
+| is refused)                                    | (redelivered), and the consumer is replaced by a new one   |
+|                                                | (new connections, fetch sessions, member id)             |
+| still stalled after MAX_RENEWALS renewals      | ConsumerStalledError: the worker exits non-zero for its    |
+|                                                | supervisor to restart it; nothing committed is lost        |
 
 kafka-python 3 heartbeats from a background thread, so a long batch does not miss
 heartbeats; only max.poll.interval.ms bounds it (KafkaSettings.max_poll_interval_ms).
@@ -100,6 +107,11 @@ REJOIN_POLL_MS = 3000
 # A member whose polls bring records while it is not STABLE for this long is half-joined
 # (see BatchLoop._rejoin_afresh): it leaves and joins again.
 HALF_JOINED_S = 10.0
+
+# The liveness watch looks at its owned partitions this often (one ListOffsets request), and
+# gives up on renewing its consumer after this many renewals in a row that brought no progress.
+LIVENESS_CHECK_S = 5.0
+MAX_RENEWALS = 3
 
 COMMIT_REFUSED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 # How long a commit is retried while the broker or group coordinator is unreachable. After
@@ -195,6 +207,86 @@ def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int) -> list[Cons
             return batch
 
 
+class ConsumerStalledError(RuntimeError):
+    """Renewing the consumer did not bring the member's partitions moving again."""
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Records wait on partitions this member owns, and it has committed nothing for ``idle_s``."""
+
+    waiting: dict[TopicPartition, int]  # records between the position and the end, per owned partition
+    idle_s: float
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{tp.topic}[{tp.partition}]: {n}" for tp, n in sorted(self.waiting.items()))
+        return f"{sum(self.waiting.values())} records waiting on owned partitions ({parts}), nothing committed for {self.idle_s:.0f} s"
+
+
+def records_waiting(consumer: KafkaConsumer, timeout_ms: int) -> dict[TopicPartition, int]:
+    """Owned partitions with records past the consumer's position, and how many.
+
+    The end is the last stable offset under read_committed (kafka-python lists offsets with
+    the consumer's isolation level), so an open transaction of another producer is no lag.
+    """
+    owned = list(consumer.assignment())
+    if not owned:
+        return {}
+    ends = consumer.end_offsets(owned, timeout_ms=timeout_ms)
+    waiting = {}
+    for tp in owned:
+        position = consumer.position(tp, timeout_ms=timeout_ms)
+        behind = ends.get(tp, 0) - (position if position is not None else 0)
+        if behind > 0:
+            waiting[tp] = behind
+    return waiting
+
+
+class LivenessWatch:
+    """The liveness guarantee of a group member: progress is a committed batch, or a look at
+    the owned partitions that finds no record waiting. A member that owns partitions with
+    records waiting and has made no progress for ``bound_s`` is stalled, whatever the cause
+    (a client that stopped fetching, commits refused forever, a half-joined member).
+
+    Looks are rate-limited to one per ``every_s``; one that fails (broker away) counts as
+    progress, since a missing broker is no fault of this member and renewing would not help.
+    """
+
+    def __init__(self, bound_s: float, every_s: float = LIVENESS_CHECK_S, clock: Callable[[], float] = time.monotonic):
+        self.bound_s = bound_s
+        self.every_s = min(every_s, bound_s / 4)
+        self.clock = clock
+        self.last_progress = clock()
+        self.last_look = float("-inf")
+        self.stall: Stall | None = None  # the current stall, until progress clears it
+        self.renewals = 0  # consumer renewals since the last progress
+
+    def progressed(self) -> Stall | None:
+        """Record progress; return the stall it ends, if any."""
+        ended, self.stall = self.stall, None
+        self.last_progress, self.renewals = self.clock(), 0
+        return ended
+
+    def look(self, consumer: KafkaConsumer) -> Stall | None:
+        """The stall, if the member is stalled now (once per bound), else None (also between looks)."""
+        now = self.clock()
+        if now - self.last_look < self.every_s:
+            return None
+        self.last_look = now
+        try:
+            waiting = records_waiting(consumer, timeout_ms=int(1000 * self.every_s))
+        except KafkaError:
+            waiting = {}
+        if not waiting:
+            self.progressed()
+            return None
+        idle = now - self.last_progress
+        if idle <= self.bound_s * (self.renewals + 1):  # a renewed consumer gets the bound afresh
+            return None
+        self.stall = Stall(waiting, idle)
+        return self.stall
+
+
 @dataclass
 class BatchStats:
     records: int
@@ -233,6 +325,9 @@ class BatchLoop:
         log=None,
         transactional: bool = False,
         on_abort: Callable[[], None] = lambda: None,
+        stall_after_s: float | None = None,
+        renew_consumer: Callable[[], KafkaConsumer] | None = None,
+        on_stall: Callable[[Stall | None], None] = lambda stall: None,
     ):
         self.consumer = consumer
         self.producer = producer
@@ -248,6 +343,12 @@ class BatchLoop:
         self.on_abort = on_abort  # after an aborted transaction: undo what handle changed in the worker
         self._membership: tuple | None = None  # (generation, member id) at the last poll; None before the first
         self._half_joined_since: float | None = None  # first poll that brought records while not STABLE
+        # Liveness (see LivenessWatch): on a stall the consumer is replaced by renew_consumer()
+        # (without one: the member leaves its group and joins again); on_stall(stall) is told
+        # of a stall and on_stall(None) of its end.
+        self.liveness = LivenessWatch(stall_after_s) if stall_after_s else None
+        self.renew_consumer = renew_consumer
+        self.on_stall = on_stall
 
     def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float, Any]:
         """A batch, the seconds it took, and the group membership it was polled under.
@@ -298,8 +399,8 @@ class BatchLoop:
         Exactly-once aborts every such batch, so the worker would spin without progress.
         """
         if self.log is not None:
-            self.log.warning("member fetching while still rebalancing: leaving and joining the group afresh",
-                             generation=group.generation_id, seconds=round(time.monotonic() - self._half_joined_since, 1))
+            self.log.warning("leaving and joining the group afresh", generation=group.generation_id,
+                             half_joined_s=round(time.monotonic() - self._half_joined_since, 1) if self._half_joined_since else None)
         topics = sorted(self.consumer.subscription() or [])
         self.consumer.unsubscribe()  # leaves the group and resets the member's generation
         self.consumer.subscribe(topics)
@@ -316,6 +417,47 @@ class BatchLoop:
                 self.consumer.seek_to_beginning(tp)  # never committed: auto_offset_reset is earliest
             else:
                 self.consumer.seek(tp, offset)
+
+    def _progressed(self) -> None:
+        if self.liveness is not None and self.liveness.progressed() is not None:
+            self._stall_over()
+
+    def _stall_over(self) -> None:
+        if self.log is not None:
+            self.log.info("consumer moving again after a stall")
+        self.on_stall(None)
+
+    def _stalled(self) -> Stall | None:
+        """A stall seen now (LivenessWatch.look), or None."""
+        if self.liveness is None:
+            return None
+        was_stalled = self.liveness.stall is not None
+        stall = self.liveness.look(self.consumer)
+        if was_stalled and self.liveness.stall is None:  # the look found nothing waiting
+            self._stall_over()
+        return stall
+
+    def _recover(self, stall: Stall) -> None:
+        """Replace the consumer (or leave and rejoin the group) after a stall; give up after MAX_RENEWALS."""
+        self.on_stall(stall)
+        if self.liveness.renewals >= MAX_RENEWALS:
+            raise ConsumerStalledError(f"consumer stalled after {MAX_RENEWALS} renewals: {stall.describe()}")
+        self.liveness.renewals += 1
+        if self.log is not None:
+            self.log.warning(f"consumer stalled: {stall.describe()}; renewing it",
+                             renewal=self.liveness.renewals, bound_s=self.liveness.bound_s)
+        if self.renew_consumer is None:
+            self._rejoin_afresh(self.consumer.group_metadata())
+            return
+        old = self.consumer
+        try:
+            old.close(autocommit=False)  # leaves the group: its partitions move at once
+        except KafkaError as exc:
+            if self.log is not None:
+                self.log.warning("closing the stalled consumer failed", error=str(exc))
+        # Exactly-once: the new member's first poll has another membership, so _poll seeks
+        # every owned partition to its committed offset before anything is handled.
+        self.consumer = self.renew_consumer()
 
     def _timed_prepare(self, batch: list[ConsumerRecord]) -> tuple[Any, float]:
         start = time.perf_counter()
@@ -345,6 +487,8 @@ class BatchLoop:
             committed = self._commit_offsets(batch)
         done = time.perf_counter()
         stages.update(confirm=acked - waited, commit=done - acked)
+        if committed:
+            self._progressed()
         busy = sum(stages[k] for k in ("wait", "handle", "send", "confirm", "commit"))
         stats = BatchStats(len(batch), len(outputs), busy, committed, stages)
         self.on_batch(stats)
@@ -406,6 +550,9 @@ class BatchLoop:
     def run_once(self) -> BatchStats | None:
         """One batch without overlap (what the tests and the inversion worker use)."""
         self.between_batches()
+        stall = self._stalled()
+        if stall is not None:
+            self._recover(stall)
         batch, poll_s, group = self._poll(self.batch_timeout_ms)
         if not batch:
             return None
@@ -436,6 +583,14 @@ class BatchLoop:
             while True:
                 stopping = self.should_stop()
                 self.between_batches()
+                stall = None if stopping else self._stalled()
+                if stall is not None:  # finish what is in hand, then renew
+                    if in_flight is not None:
+                        self._confirm_and_commit(in_flight)
+                    if pending is not None:
+                        pending[1].result()  # prepared for nothing: redelivered from the committed offsets
+                    in_flight = pending = None
+                    self._recover(stall)
                 following = None
                 if not stopping:
                     # With work in hand, wait only briefly for more (under load records are

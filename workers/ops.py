@@ -134,6 +134,21 @@ class WorkerMetrics:
         self.transactions_aborted = Counter(
             "interneg_transactions_aborted", "exactly-once mode: batches whose transaction was aborted and redone", registry=r
         )
+        self.group_lag = Gauge(
+            "interneg_group_lag",
+            "records of the input topic the worker's consumer group has not committed, all partitions (every member "
+            "reports the same: take the max)",
+            ["topic"],
+            registry=r,
+        )
+        self.stalled = Gauge(
+            "interneg_worker_stalled",
+            "1 while the worker owns partitions with records waiting and has committed nothing for worker.stall_after_s",
+            registry=r,
+        )
+        self.consumer_renewals = Counter(
+            "interneg_consumer_renewals", "Kafka consumers replaced after a stall (liveness watch)", registry=r
+        )
         self.negatives_rejected = Counter(
             "interneg_negatives_rejected", "records of the negatives topic refused (malformed, foreign, inadmissible)", registry=r
         )

@@ -10,12 +10,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 
+from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
 
 from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
 from schemas.settings import Settings
-from workers.delivery import BatchLoop, BatchStats, Output, dead_letter
+from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter
 from workers.kafka_clients import make_consumer, make_producer
 from workers.negatives import NegativeFollower, inadmissible_to
 from workers.ops import OpsServer, WorkerMetrics, configure_logging, get_logger
@@ -38,7 +40,7 @@ class BundleWorker(ABC):
         self.ops = OpsServer(self.metrics, settings.worker.http_host, settings.worker.http_port, self.status)
         self.bank: NegativeBank | None = None  # a subclass that follows ood.negatives sets it
         self.follower: NegativeFollower | None = None
-        self.consumer = None
+        self.loop: BatchLoop | None = None
         self.batches = 0
         self.stage_seconds: dict[str, float] = {}  # stages inside handle, set by the subclass
         self._lag_checked = 0.0
@@ -99,6 +101,21 @@ class BundleWorker(ABC):
         self.ops.beat()
         if self.follower is not None and self.follower.poll():
             self._bank_metrics()
+        if time.monotonic() - self._lag_checked > LAG_EVERY_S:  # idle or not: a stale lag gauge misleads alerts
+            self._lag_checked = time.monotonic()
+            try:
+                self._record_lag()
+            except KafkaError as exc:  # the broker away: the gauges keep their last values
+                self.log.warning("lag not measured", error=str(exc))
+
+    def on_stall(self, stall: Stall | None) -> None:
+        """The batch loop's liveness watch saw a stall (and renews the consumer), or its end."""
+        self.metrics.stalled.set(0 if stall is None else 1)
+        if stall is None:
+            self.ops.set_ready(True)
+        else:
+            self.metrics.consumer_renewals.inc()
+            self.ops.set_ready(False, reason=f"stalled: {stall.describe()}")
 
     def on_batch(self, stats: BatchStats) -> None:
         self.batches += 1
@@ -108,25 +125,35 @@ class BundleWorker(ABC):
         stages = {k: round(v, 5) for k, v in {**stats.stages, **self.stage_seconds}.items()}
         self.log.info("batch", records=stats.records, outputs=stats.outputs, seconds=round(stats.seconds, 4),
                       records_per_s=rate, committed=stats.committed, stages=stages, **bank, **self.counters())
-        if time.monotonic() - self._lag_checked > LAG_EVERY_S:
-            self._lag_checked = time.monotonic()
-            self._record_lag()
 
     def _aborted(self) -> None:
         self.metrics.transactions_aborted.inc()
         self.on_abort()
 
     def _record_lag(self) -> None:
-        assignment = list(self.consumer.assignment())
+        """This member's lag per owned partition, and the whole group's on its input topic.
+
+        The group's lag (end minus committed offset, every partition) is what the stall alert
+        reads: it counts partitions that no member owns or whose owner stopped reporting.
+        """
+        consumer = self.loop.consumer
+        assignment = list(consumer.assignment())
         owned = {(tp.topic, str(tp.partition)) for tp in assignment}
         for labels in self._lag_labels - owned:  # moved to another worker: its lag is theirs to report now
             self.metrics.consumer_lag.remove(*labels)
         self._lag_labels = owned
         if assignment:
-            ends = self.consumer.end_offsets(assignment)
+            ends = consumer.end_offsets(assignment)
             for tp in assignment:
-                lag = max(0, ends[tp] - self.consumer.position(tp))
+                lag = max(0, ends[tp] - consumer.position(tp))
                 self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+        topic = self.input()[0]
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if partitions:
+            ends, starts = consumer.end_offsets(partitions), consumer.beginning_offsets(partitions)
+            committed = {tp: consumer.committed(tp) for tp in partitions}
+            lag = sum(max(0, ends[tp] - (committed[tp] if committed[tp] is not None else starts[tp])) for tp in partitions)
+            self.metrics.group_lag.labels(topic=topic).set(lag)
 
     def serve(self) -> None:
         """Catch up with the negatives, report ready, run batches until SIGTERM, drain, stop."""
@@ -144,10 +171,12 @@ class BundleWorker(ABC):
                 self._bank_metrics()
                 self.log.info("negatives caught up", records=applied, bank_size=len(self.bank.entries), digest=self.bank.digest()[:16])
             # read_committed: in exactly-once mode an aborted batch's candidates never reach the inverter
-            self.consumer = make_consumer(s.kafka, topic, group_id=group, isolation_level="read_committed")
+            def new_consumer():
+                return make_consumer(s.kafka, topic, group_id=group, isolation_level="read_committed")
+
             transactional = {"transactional_id": self.transactional_id(), "transaction_timeout_ms": s.kafka.transaction_timeout_ms}
-            loop = BatchLoop(
-                self.consumer,
+            self.loop = loop = BatchLoop(
+                new_consumer(),
                 make_producer(s.kafka, **(transactional if s.worker.exactly_once else {})),
                 self.handle,
                 prepare=self.prepare_ahead,
@@ -159,6 +188,9 @@ class BundleWorker(ABC):
                 log=self.log,
                 transactional=s.worker.exactly_once,
                 on_abort=self._aborted,
+                stall_after_s=s.worker.stall_after_s,
+                renew_consumer=new_consumer,
+                on_stall=self.on_stall,
             )
             self.ops.set_ready(True)
             loop.run()

@@ -1,0 +1,230 @@
+"""The liveness guarantee (issue 16): a group member that owns partitions with records waiting
+and commits nothing for ``stall_after_s`` notices, says so, and renews its consumer.
+
+The stall is made real, not mocked: the member's consumer pauses its partitions, so it stays
+in the group, heartbeats and holds its assignment while fetching nothing, which is what a
+client that stopped fetching looks like from outside.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import pytest
+from kafka import ConsumerRebalanceListener, TopicPartition
+
+from test_faults import report, wait_for
+from test_streaming import frame_record, jpeg, read_topic
+from workers.delivery import MAX_RENEWALS, BatchLoop, ConsumerStalledError, LivenessWatch, Output, Stall
+from workers.kafka_clients import make_consumer, make_producer
+from workers.producer import produce_records
+
+BOUND_S = 5.0
+
+
+# --- the watch's arithmetic, on a consumer stand-in and a clock the test moves ---------------
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Member:
+    """What LivenessWatch reads of a consumer: its assignment, positions and the ends."""
+
+    def __init__(self, ends: dict[int, int], positions: dict[int, int]):
+        self.ends, self.positions = ends, positions
+
+    def assignment(self):
+        return {TopicPartition("t", p) for p in self.positions}
+
+    def end_offsets(self, partitions, timeout_ms=None):
+        return {tp: self.ends[tp.partition] for tp in partitions}
+
+    def position(self, tp, timeout_ms=None):
+        return self.positions[tp.partition]
+
+
+def test_the_watch_reports_a_stall_only_past_the_bound_and_gives_a_renewed_consumer_the_bound_again():
+    clock = Clock()
+    watch = LivenessWatch(bound_s=60, every_s=5, clock=clock)
+    member = Member(ends={0: 10, 1: 7}, positions={0: 4, 1: 7})  # 6 records waiting on partition 0
+    seen = []
+    for t in range(0, 200, 1):
+        clock.now = float(t)
+        stall = watch.look(member)
+        if stall is not None:
+            seen.append((t, stall))
+            watch.renewals += 1  # what BatchLoop._recover does
+    # looks every 5 s; first stall at the first look past 60 s, the next ones a bound later each
+    assert [t for t, _ in seen] == [65, 125, 185]
+    assert seen[0][1] == Stall({TopicPartition("t", 0): 6}, 65.0)
+    assert "6 records waiting on owned partitions (t[0]: 6), nothing committed for 65 s" in seen[0][1].describe()
+
+    clock.now = 200.0
+    assert watch.progressed() is seen[-1][1]  # a commit ends the stall and the renewal count
+    assert watch.renewals == 0 and watch.stall is None
+    clock.now = 255.0
+    assert watch.look(member) is None  # 55 s since the progress: within the bound
+
+
+def test_an_idle_member_with_nothing_waiting_is_never_stalled():
+    clock = Clock()
+    watch = LivenessWatch(bound_s=10, every_s=1, clock=clock)
+    caught_up = Member(ends={0: 10}, positions={0: 10})
+    owning_nothing = Member(ends={}, positions={})
+    for t in range(0, 100):
+        clock.now = float(t)
+        assert watch.look(caught_up if t % 2 else owning_nothing) is None
+    assert watch.last_progress == 99.0
+
+
+# --- against the real broker -----------------------------------------------------------------
+class PauseOnAssign(ConsumerRebalanceListener):
+    def __init__(self, consumer):
+        self.consumer = consumer
+
+    def on_partitions_revoked(self, revoked):
+        pass
+
+    def on_partitions_assigned(self, assigned):
+        self.consumer.pause(*assigned)  # before the first fetch
+
+
+def paused_member(s, topic: str):
+    """A consumer that has joined the group, owns every partition of ``topic`` and fetches nothing."""
+    consumer = make_consumer(s.kafka, topic, group_id=s.kafka.scoring_group)
+    consumer.subscribe([topic], listener=PauseOnAssign(consumer))
+    wait_for(lambda: consumer.poll(timeout_ms=200) == {} and len(consumer.assignment()) == s.topics.partitions, 60, "the member joined")
+    return consumer
+
+
+@pytest.mark.parametrize("renew", [True, False], ids=["new-consumer", "rejoin"])
+def test_a_member_that_stops_fetching_is_renewed_and_its_records_are_handled(stream_settings, renew):
+    """Without the watch this member would hold its partitions forever and handle nothing
+    (seen: the test times out with 0 of 40 outputs when stall_after_s is None)."""
+    s = stream_settings
+    n = 40
+    consumer = paused_member(s, s.topics.frames)
+    produce_records(s, [(f"k{i % 8}".encode(), f"in-{i}".encode(), None) for i in range(n)])  # all partitions
+    renewed, events, done = [], [], []
+
+    def new_consumer():
+        renewed.append(time.monotonic())
+        return make_consumer(s.kafka, s.topics.frames, group_id=s.kafka.scoring_group)
+
+    start, deadline = time.monotonic(), time.monotonic() + 90
+    loop = BatchLoop(
+        consumer, make_producer(s.kafka), lambda batch, prepared: [Output(s.topics.scores, r.key, r.value + b"/out") for r in batch],
+        batch_size=8, batch_timeout_ms=200, should_stop=lambda: sum(done) >= n or time.monotonic() > deadline,
+        on_batch=lambda stats: done.append(stats.records if stats.committed else 0),
+        stall_after_s=BOUND_S, renew_consumer=new_consumer if renew else None, on_stall=events.append,
+    )
+    loop.run()
+    took = time.monotonic() - start
+    outputs = Counter(r.value for r in read_topic(s, s.topics.scores, expect=n, idle_s=1))
+    report("stalled member", renew="new consumer" if renew else "rejoin", stall=events[0].describe() if events else None,
+           renewals=len(renewed), events=len(events), handled=sum(done), seconds=round(took, 1))
+    assert outputs == Counter(f"in-{i}/out".encode() for i in range(n))  # each once, none lost
+    assert isinstance(events[0], Stall) and sum(events[0].waiting.values()) == n and events[0].idle_s > BOUND_S
+    assert events[-1] is None  # told of the end of the stall
+    assert len(renewed) == (1 if renew else 0)
+    assert took < BOUND_S + 30  # the bound, one look, a join, 40 records
+
+
+def test_a_member_at_the_end_of_a_transactional_topic_is_not_stalled(stream_settings):
+    """Under read_committed the end is the last stable offset, and the last record of a
+    committed transaction is followed by its commit marker: a member that has read
+    everything must not count that marker as a record waiting."""
+    s = stream_settings
+    producer = make_producer(s.kafka, transactional_id=f"marker-test-{s.kafka.scoring_group}")
+    producer.init_transactions()
+    producer.begin_transaction()
+    for i in range(12):
+        producer.send(s.topics.frames, key=f"k{i % 8}".encode(), value=b"x")
+    producer.commit_transaction()
+    producer.close()
+    consumer = make_consumer(s.kafka, s.topics.frames, group_id=s.kafka.scoring_group, isolation_level="read_committed")
+    events, done, stop_at = [], [], time.monotonic() + 4 * BOUND_S
+    loop = BatchLoop(
+        consumer, make_producer(s.kafka), lambda batch, prepared: [],
+        batch_size=8, batch_timeout_ms=200, should_stop=lambda: time.monotonic() > stop_at,
+        on_batch=lambda stats: done.append(stats.records), stall_after_s=BOUND_S, on_stall=events.append,
+    )
+    loop.run()
+    report("idle at a commit marker", handled=sum(done), stalls=len(events))
+    assert sum(done) == 12
+    assert events == []
+
+
+def test_a_member_still_stalled_after_its_renewals_exits(stream_settings):
+    """A renewal that does not help (here each new consumer stops fetching too) is tried
+    MAX_RENEWALS times, then the worker exits for its supervisor: ConsumerStalledError."""
+    s = stream_settings
+    consumer = paused_member(s, s.topics.frames)
+    produce_records(s, [(f"k{i % 8}".encode(), b"x", None) for i in range(16)])
+    renewed = []
+
+    def new_stalled_consumer():
+        renewed.append(1)
+        return paused_member(s, s.topics.frames)
+
+    loop = BatchLoop(
+        consumer, make_producer(s.kafka), lambda batch, prepared: [], batch_size=8, batch_timeout_ms=200,
+        should_stop=lambda: False, stall_after_s=BOUND_S, renew_consumer=new_stalled_consumer,
+    )
+    with pytest.raises(ConsumerStalledError, match="16 records waiting"):
+        loop.run()
+    assert len(renewed) == MAX_RENEWALS
+
+
+def test_a_stalled_scoring_worker_says_so_and_recovers(stream_settings, tiny_bundle_dir):
+    """The whole worker: /readyz answers 503 with the stall, interneg_worker_stalled is 1 and a
+    renewal is counted; after the renewal every frame is scored and it is ready again."""
+    from workers.scoring_worker import ScoringWorker
+
+    s = stream_settings
+    s.worker.bundle = tiny_bundle_dir
+    s.worker.stall_after_s = BOUND_S
+    s.worker.http_port = 0
+    worker = ScoringWorker(s)
+    server = threading.Thread(target=worker.serve)
+    server.start()
+    try:
+        wait_for(lambda: worker.loop is not None and len(worker.loop.consumer.assignment()) == s.topics.partitions, 60, "the worker joined")
+        first = worker.loop.consumer
+        first.pause(*first.assignment())  # from here its client fetches nothing
+        n = 12
+        producer = make_producer(s.kafka)
+        for i in range(n):
+            key, value, headers = frame_record(i, jpeg(i), camera=f"cam-{i % 8}")
+            producer.send(s.topics.frames, key=key, value=value, headers=headers)
+        producer.flush()
+        producer.close()
+
+        def probe(path):
+            try:
+                with urllib.request.urlopen(worker.ops.url + path, timeout=5) as answer:
+                    return answer.status, answer.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        stalled = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(probe("/readyz")), 4 * BOUND_S, "/readyz to report the stall", every_s=0.05)
+        metrics = probe("/metrics")[1]
+        wait_for(lambda: worker.frames_scored >= n, 60, "every frame scored after the renewal")
+        ready = wait_for(lambda: (lambda r: r if r[0] == 200 else None)(probe("/readyz")), 30, "ready again")
+        after = probe("/metrics")[1]
+        report("stalled scoring worker", readyz=stalled, scored=worker.frames_scored)
+        assert "stalled" in stalled[1] and f"{n} records waiting" in stalled[1]
+        assert worker.loop.consumer is not first
+        assert "interneg_consumer_renewals_total 1.0" in metrics
+        assert "interneg_worker_stalled 0.0" in after and ready[0] == 200
+        assert "interneg_consumer_renewals_total 1.0" in after
+    finally:
+        worker.stop_event.set()
+        server.join(timeout=60)

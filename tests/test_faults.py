@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from kafka import TopicPartition
 from kafka.structs import MemberState, OffsetAndMetadata
-from kafka.errors import KafkaError
+from kafka.errors import CommitFailedError, KafkaError
 from PIL import Image
 
 from bench.stream_bench import CommitWatcher
@@ -53,6 +53,11 @@ def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.3):
             return value
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class PrintLog:
+    def __getattr__(self, level):
+        return lambda event, **kw: print(f"[{time.strftime('%X')}] {level} {event} {kw}", flush=True)
 
 
 def report(name: str, **counts) -> None:
@@ -263,6 +268,58 @@ def own_broker(tmp_path):
 
     yield start, stop
     stop()
+
+
+def test_at_least_once_redoes_a_batch_whose_commit_a_rebalance_refused_when_no_record_follows(stream_settings):
+    """A batch is handled, its commit is refused by a rebalance (injected as kafka-python
+    raises it), and the member keeps its partition; no record follows. Its position is past
+    the batch, so before issue 16 nothing ever committed it: the group's lag stayed 10 (the
+    kill test waited 300 s for it to drain). Resuming from the committed offsets after the
+    rebalance redoes and commits it."""
+    s = stream_settings
+    n = 10
+    sent = produce_records(s, [(b"k", f"in-{i}".encode(), None) for i in range(n)])  # one key: one partition
+    tp = TopicPartition(s.topics.frames, sent[0].partition)
+    consumer = make_consumer(s.kafka, s.topics.frames, group_id=s.kafka.scoring_group)
+    real_commit, refused = consumer.commit, []
+
+    def commit(offsets=None):
+        if not refused:
+            refused.append(offsets)
+            raise CommitFailedError("injected: the group rebalanced")
+        return real_commit(offsets)
+
+    consumer.commit = commit
+    handled = []
+    loop = BatchLoop(
+        consumer, make_producer(s.kafka), lambda batch, prepared: handled.extend(batch) or [],
+        batch_size=n, batch_timeout_ms=300, should_stop=lambda: False, log=PrintLog(),  # what it did, shown if it fails
+    )
+    deadline = time.monotonic() + 120
+    while not refused and time.monotonic() < deadline:
+        loop.run_once()
+    other = make_consumer(s.kafka, s.topics.alerts, group_id=s.kafka.scoring_group)  # the rebalance: it joins
+    leave = threading.Event()
+
+    def member():
+        while not leave.is_set():
+            other.poll(timeout_ms=200)
+        other.close()
+
+    joiner = threading.Thread(target=member)
+    joiner.start()
+    try:
+        while consumer.committed(tp) != n and time.monotonic() < deadline:
+            loop.run_once()
+    finally:
+        leave.set()
+        joiner.join()
+    final = consumer.committed(tp)
+    loop.close()
+    report("refused commit, no record after it", inputs=n, handled=len(handled), committed=final)
+    assert len(refused) == 1
+    assert final == n
+    assert len(handled) == 2 * n  # redone once: at-least-once
 
 
 def test_workers_ride_out_a_broker_restart_and_lose_nothing(own_broker, tiny_settings, tiny_bundle_dir, workers):

@@ -18,7 +18,7 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 
 from test_faults import report, wait_for
 from test_streaming import frame_record, jpeg, read_topic
-from workers.delivery import MAX_RENEWALS, BatchLoop, ConsumerStalledError, LivenessWatch, Output, Stall
+from workers.delivery import MAX_RENEWALS, BatchLoop, ConsumerStalledError, LivenessWatch, Output, Stall, group_lag, owned_lag
 from workers.kafka_clients import make_consumer, make_producer
 from workers.producer import produce_records
 
@@ -112,6 +112,7 @@ def test_a_member_that_stops_fetching_is_renewed_and_its_records_are_handled(str
     n = 40
     consumer = paused_member(s, s.topics.frames)
     produce_records(s, [(f"k{i % 8}".encode(), f"in-{i}".encode(), None) for i in range(n)])  # all partitions
+    assert sum(owned_lag(consumer).values()) == n and group_lag(consumer, s.topics.frames) == n
     renewed, events, done = [], [], []
 
     def new_consumer():
@@ -134,6 +135,9 @@ def test_a_member_that_stops_fetching_is_renewed_and_its_records_are_handled(str
     assert isinstance(events[0], Stall) and sum(events[0].waiting.values()) == n and events[0].idle_s > BOUND_S
     assert events[-1] is None  # told of the end of the stall
     assert len(renewed) == (1 if renew else 0)
+    reader = make_consumer(s.kafka, group_id=s.kafka.scoring_group)  # not a member: reads the group's commits
+    assert group_lag(reader, s.topics.frames) == 0
+    reader.close()
     assert took < BOUND_S + 30  # the bound, one look, a join, 40 records
 
 
@@ -218,7 +222,8 @@ def test_a_stalled_scoring_worker_says_so_and_recovers(stream_settings, tiny_bun
         metrics = probe("/metrics")[1]
         wait_for(lambda: worker.frames_scored >= n, 60, "every frame scored after the renewal")
         ready = wait_for(lambda: (lambda r: r if r[0] == 200 else None)(probe("/readyz")), 30, "ready again")
-        after = probe("/metrics")[1]
+        idle_lag = f'interneg_group_lag{{topic="{s.topics.frames}"}} 0.0'
+        after = wait_for(lambda: (lambda m: m if idle_lag in m else None)(probe("/metrics")[1]), 30, "the group lag measured while idle")
         report("stalled scoring worker", readyz=stalled, scored=worker.frames_scored)
         assert "stalled" in stalled[1] and f"{n} records waiting" in stalled[1]
         assert worker.loop.consumer is not first

@@ -18,6 +18,11 @@ can de-duplicate):
 | rebalance while a batch is in flight           | its commit is refused (CommitFailedError or                |
 |                                                | RebalanceInProgressError, logged); the new owner           |
 |                                                | re-processes it: duplicates, no loss                       |
+| a rebalance completes inside a poll (a new     | that poll's records are dropped and every owned partition  |
+| generation or member id)                       | is sought to its committed offset: a batch whose commit    |
+|                                                | was refused is redone here if this member kept its         |
+|                                                | partition (else nothing would commit it until a later      |
+|                                                | record arrived on that partition)                          |
 | bad input record (undecodable, wrong headers)  | a dead-letter output of the same batch, committed with it  |
 | SIGTERM                                        | the batches in flight (at most three: prefetched, handled, |
 |                                                | awaiting acks) finish and commit, then the worker leaves   |
@@ -85,6 +90,7 @@ from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
     KafkaError,
+    KafkaTimeoutError,
     ProducerFencedError,
     RebalanceInProgressError,
     UnknownMemberIdError,
@@ -223,23 +229,54 @@ class Stall:
         return f"{sum(self.waiting.values())} records waiting on owned partitions ({parts}), nothing committed for {self.idle_s:.0f} s"
 
 
-def records_waiting(consumer: KafkaConsumer, timeout_ms: int) -> dict[TopicPartition, int]:
-    """Owned partitions with records past the consumer's position, and how many.
+# Lag measurements wait at most this long for the broker, all their requests together: the
+# loop makes them between batches, and a broker that is away must not hold it up.
+LAG_TIMEOUT_MS = 2000
+
+
+class _Deadline:
+    def __init__(self, timeout_ms: int):
+        self.end = time.monotonic() + timeout_ms / 1000
+
+    def ms(self) -> int:
+        """What is left, in ms; a KafkaTimeoutError once nothing is."""
+        left = int(1000 * (self.end - time.monotonic()))
+        if left <= 0:
+            raise KafkaTimeoutError("lag measurement took longer than its budget")
+        return left
+
+
+def owned_lag(consumer: KafkaConsumer, timeout_ms: int = LAG_TIMEOUT_MS) -> dict[TopicPartition, int]:
+    """Records between the consumer's position and the end, per owned partition.
 
     The end is the last stable offset under read_committed (kafka-python lists offsets with
     the consumer's isolation level), so an open transaction of another producer is no lag.
+    Raises a KafkaError (a KafkaTimeoutError past ``timeout_ms``) if the broker does not answer.
     """
     owned = list(consumer.assignment())
     if not owned:
         return {}
-    ends = consumer.end_offsets(owned, timeout_ms=timeout_ms)
-    waiting = {}
+    deadline = _Deadline(timeout_ms)
+    ends = consumer.end_offsets(owned, timeout_ms=deadline.ms())
+    lag = {}
     for tp in owned:
-        position = consumer.position(tp, timeout_ms=timeout_ms)
-        behind = ends.get(tp, 0) - (position if position is not None else 0)
-        if behind > 0:
-            waiting[tp] = behind
-    return waiting
+        position = consumer.position(tp, timeout_ms=deadline.ms())
+        lag[tp] = max(0, ends.get(tp, 0) - (position if position is not None else 0))
+    return lag
+
+
+def group_lag(consumer: KafkaConsumer, topic: str, timeout_ms: int = LAG_TIMEOUT_MS) -> int:
+    """Records of ``topic`` that the consumer's group has not committed, all partitions (a
+    partition never committed counts from its beginning, where auto_offset_reset starts)."""
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+    if not partitions:
+        return 0
+    deadline = _Deadline(timeout_ms)
+    ends = consumer.end_offsets(partitions, timeout_ms=deadline.ms())
+    committed = {tp: consumer.committed(tp, timeout_ms=deadline.ms()) for tp in partitions}
+    never = [tp for tp, offset in committed.items() if offset is None]
+    starts = consumer.beginning_offsets(never, timeout_ms=deadline.ms()) if never else {}
+    return sum(max(0, ends[tp] - (starts[tp] if offset is None else offset)) for tp, offset in committed.items())
 
 
 class LivenessWatch:
@@ -274,7 +311,7 @@ class LivenessWatch:
             return None
         self.last_look = now
         try:
-            waiting = records_waiting(consumer, timeout_ms=int(1000 * self.every_s))
+            waiting = {tp: n for tp, n in owned_lag(consumer).items() if n > 0}
         except KafkaError:
             waiting = {}
         if not waiting:
@@ -373,13 +410,17 @@ class BatchLoop:
         else:
             self._half_joined_since = None
         membership = (group.generation_id, group.member_id)
-        if self.transactional and membership != self._membership:
+        if membership != self._membership:
             if self._membership is not None:
                 # A rebalance completed since the last poll. kafka-python keeps the position
                 # of a partition this member held before and holds after it, even when
                 # another member owned it in between (in a generation whose assignment
                 # never reached this one) and committed past that position: redoing from
-                # there commits those frames twice. Only the committed offsets can be trusted.
+                # there commits those frames twice. And a batch whose commit the rebalance
+                # refused lies behind that position: if no later record arrives on its
+                # partition, nothing would ever commit it (at-least-once: the group's lag
+                # stays > 0 for good; issue 16's kill test waited 300 s for it). Only the
+                # committed offsets can be trusted: both modes resume from them.
                 if self.log is not None and batch:
                     self.log.info("new group generation: batch dropped, positions reset to the committed offsets",
                                   generation=group.generation_id, records=len(batch))

@@ -10,14 +10,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 
-from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
 from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
 from schemas.settings import Settings
-from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter
+from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter, group_lag, owned_lag
 from workers.kafka_clients import make_consumer, make_producer
 from workers.negatives import NegativeFollower, inadmissible_to
 from workers.ops import OpsServer, WorkerMetrics, configure_logging, get_logger
@@ -137,23 +136,15 @@ class BundleWorker(ABC):
         reads: it counts partitions that no member owns or whose owner stopped reporting.
         """
         consumer = self.loop.consumer
-        assignment = list(consumer.assignment())
-        owned = {(tp.topic, str(tp.partition)) for tp in assignment}
+        lag = owned_lag(consumer)
+        owned = {(tp.topic, str(tp.partition)) for tp in lag}
         for labels in self._lag_labels - owned:  # moved to another worker: its lag is theirs to report now
             self.metrics.consumer_lag.remove(*labels)
         self._lag_labels = owned
-        if assignment:
-            ends = consumer.end_offsets(assignment)
-            for tp in assignment:
-                lag = max(0, ends[tp] - consumer.position(tp))
-                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+        for tp, behind in lag.items():
+            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(behind)
         topic = self.input()[0]
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if partitions:
-            ends, starts = consumer.end_offsets(partitions), consumer.beginning_offsets(partitions)
-            committed = {tp: consumer.committed(tp) for tp in partitions}
-            lag = sum(max(0, ends[tp] - (committed[tp] if committed[tp] is not None else starts[tp])) for tp in partitions)
-            self.metrics.group_lag.labels(topic=topic).set(lag)
+        self.metrics.group_lag.labels(topic=topic).set(group_lag(consumer, topic))
 
     def serve(self) -> None:
         """Catch up with the negatives, report ready, run batches until SIGTERM, drain, stop."""

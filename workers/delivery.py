@@ -18,11 +18,11 @@ can de-duplicate):
 | rebalance while a batch is in flight           | its commit is refused (CommitFailedError or                |
 |                                                | RebalanceInProgressError, logged); the new owner           |
 |                                                | re-processes it: duplicates, no loss                       |
-| a rebalance completes inside a poll (a new     | that poll's records are dropped and every owned partition  |
-| generation or member id)                       | is sought to its committed offset: a batch whose commit    |
-|                                                | was refused is redone here if this member kept its         |
-|                                                | partition (else nothing would commit it until a later      |
-|                                                | record arrived on that partition)                          |
+| a commit was refused, and the member is stable | that poll's records are dropped and every owned partition  |
+| again                                          | is sought to its committed offset: the refused batch is    |
+|                                                | redone here if this member kept its partition (else        |
+|                                                | nothing would commit it until a later record arrived on    |
+|                                                | that partition)                                            |
 | bad input record (undecodable, wrong headers)  | a dead-letter output of the same batch, committed with it  |
 | SIGTERM                                        | the batches in flight (at most three: prefetched, handled, |
 |                                                | awaiting acks) finish and commit, then the worker leaves   |
@@ -380,6 +380,7 @@ class BatchLoop:
         self.on_abort = on_abort  # after an aborted transaction: undo what handle changed in the worker
         self._membership: tuple | None = None  # (generation, member id) at the last poll; None before the first
         self._half_joined_since: float | None = None  # first poll that brought records while not STABLE
+        self._refused = False  # at-least-once: a commit was refused since the last reseek
         # Liveness (see LivenessWatch): on a stall the consumer is replaced by renew_consumer()
         # (without one: the member leaves its group and joins again); on_stall(stall) is told
         # of a stall and on_stall(None) of its end.
@@ -410,23 +411,23 @@ class BatchLoop:
         else:
             self._half_joined_since = None
         membership = (group.generation_id, group.member_id)
-        if membership != self._membership:
-            if self._membership is not None:
-                # A rebalance completed since the last poll. kafka-python keeps the position
-                # of a partition this member held before and holds after it, even when
-                # another member owned it in between (in a generation whose assignment
-                # never reached this one) and committed past that position: redoing from
-                # there commits those frames twice. And a batch whose commit the rebalance
-                # refused lies behind that position: if no later record arrives on its
-                # partition, nothing would ever commit it (at-least-once: the group's lag
-                # stays > 0 for good; issue 16's kill test waited 300 s for it). Only the
-                # committed offsets can be trusted: both modes resume from them.
-                if self.log is not None and batch:
-                    self.log.info("new group generation: batch dropped, positions reset to the committed offsets",
-                                  generation=group.generation_id, records=len(batch))
-                self._seek_to_committed()
-                batch = []
-            self._membership = membership
+        changed = self._membership is not None and membership != self._membership
+        self._membership = membership
+        # Exactly-once, after every rebalance: kafka-python keeps the position of a partition
+        # this member held before and holds after it, even when another member owned it in
+        # between (in a generation whose assignment never reached this one) and committed
+        # past that position: redoing from there commits those frames twice.
+        # At-least-once, once the group is stable after a refused commit: the refused batch
+        # lies behind the position, and if this member kept its partition and no record
+        # follows on it, nothing would ever commit it (issue 16: the group's lag stayed > 0
+        # for good). Only the committed offsets can be trusted.
+        if (self.transactional and changed) or (self._refused and group.state == MemberState.STABLE):
+            if self.log is not None and batch:
+                self.log.info("batch dropped, positions reset to the committed offsets",
+                              generation=group.generation_id, records=len(batch), after="rebalance" if changed else "refused commit")
+            self._seek_to_committed()
+            self._refused = False
+            batch = []
         return batch, time.perf_counter() - start, group
 
     def _rejoin_afresh(self, group: Any) -> None:
@@ -542,6 +543,7 @@ class BatchLoop:
                 self.consumer.commit(next_offsets(batch))
                 return True
             except COMMIT_REFUSED as exc:  # a rebalance: the batch is redone by whoever owns it next
+                self._refused = True  # here too, if this member keeps the partition (see _poll)
                 if self.log is not None:
                     self.log.warning("commit refused after rebalance", error=str(exc), records=len(batch))
                 return False

@@ -124,6 +124,9 @@ def test_three_kill_9s_of_a_scoring_worker_lose_no_frame(stream_settings, tiny_b
         sent=len(sent), scored=len(per_input), score_records=len(scores), duplicated=duplicated,
         lost=len(inputs - set(per_input)), by_worker=dict(Counter(x.worker for x in scores)),
     )
+    for source in sorted(k for k, c in per_input.items() if c > 1)[:40]:  # who wrote each twice, and where
+        print("  duplicated input", source, [(r.partition, r.offset, x.worker, x.scored_at_ms) for r, x in zip(records, scores)
+                                              if (x.source.partition, x.source.offset) == source])
     assert set(per_input) == inputs  # every input offset ends with a score record
     if exactly_once:
         assert duplicated == 0  # read_committed readers see each frame's score exactly once

@@ -15,17 +15,18 @@ from collections import Counter
 
 import pytest
 from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.structs import ConsumerGroupMetadata, MemberState
 
 from test_faults import report, wait_for
 from test_streaming import frame_record, jpeg, read_topic
-from workers.delivery import MAX_RENEWALS, BatchLoop, ConsumerStalledError, LivenessWatch, Output, Stall, group_lag, owned_lag
+from workers.delivery import MAX_RENEWALS, BatchLoop, ConsumerStalledError, LivenessWatch, Output, Stall, group_offsets
 from workers.kafka_clients import make_consumer, make_producer
 from workers.producer import produce_records
 
 BOUND_S = 5.0
 
 
-# --- the watch's arithmetic, on a consumer stand-in and a clock the test moves ---------------
+# --- the watch's arithmetic, on a clock the test moves ---------------------------------------
 class Clock:
     def __init__(self):
         self.now = 0.0
@@ -34,54 +35,99 @@ class Clock:
         return self.now
 
 
-class Member:
-    """What LivenessWatch reads of a consumer: its assignment, positions and the ends."""
-
-    def __init__(self, ends: dict[int, int], positions: dict[int, int]):
-        self.ends, self.positions = ends, positions
-
-    def assignment(self):
-        return {TopicPartition("t", p) for p in self.positions}
-
-    def end_offsets(self, partitions, timeout_ms=None):
-        return {tp: self.ends[tp.partition] for tp in partitions}
-
-    def position(self, tp, timeout_ms=None):
-        return self.positions[tp.partition]
-
-
 def test_the_watch_reports_a_stall_only_past_the_bound_and_gives_a_renewed_consumer_the_bound_again():
     clock = Clock()
-    watch = LivenessWatch(bound_s=60, every_s=5, clock=clock)
-    member = Member(ends={0: 10, 1: 7}, positions={0: 4, 1: 7})  # 6 records waiting on partition 0
+    watch = LivenessWatch(bound_s=60, clock=clock)
+    waiting = {TopicPartition("t", 0): 6, TopicPartition("t", 1): 0}  # 6 records uncommitted on partition 0
     seen = []
-    for t in range(0, 200, 1):
+    for t in range(0, 200, 5):  # the loop measures every 5 s
         clock.now = float(t)
-        stall = watch.look(member)
+        stall = watch.look(waiting)
         if stall is not None:
             seen.append((t, stall))
             watch.renewals += 1  # what BatchLoop._recover does
-    # looks every 5 s; first stall at the first look past 60 s, the next ones a bound later each
+    # first stall at the first look past 60 s, the next ones a bound later each
     assert [t for t, _ in seen] == [65, 125, 185]
     assert seen[0][1] == Stall({TopicPartition("t", 0): 6}, 65.0)
-    assert "6 records waiting on owned partitions (t[0]: 6), nothing committed for 65 s" in seen[0][1].describe()
+    assert "6 records waiting (t[0]: 6), nothing committed for 65 s" in seen[0][1].describe()
 
     clock.now = 200.0
     assert watch.progressed() is seen[-1][1]  # a commit ends the stall and the renewal count
     assert watch.renewals == 0 and watch.stall is None
     clock.now = 255.0
-    assert watch.look(member) is None  # 55 s since the progress: within the bound
+    assert watch.look(waiting) is None  # 55 s since the progress: within the bound
 
 
 def test_an_idle_member_with_nothing_waiting_is_never_stalled():
     clock = Clock()
-    watch = LivenessWatch(bound_s=10, every_s=1, clock=clock)
-    caught_up = Member(ends={0: 10}, positions={0: 10})
-    owning_nothing = Member(ends={}, positions={})
+    watch = LivenessWatch(bound_s=10, clock=clock)
     for t in range(0, 100):
         clock.now = float(t)
-        assert watch.look(caught_up if t % 2 else owning_nothing) is None
+        assert watch.look({TopicPartition("t", 0): 0} if t % 2 else {}) is None
     assert watch.last_progress == 99.0
+
+
+class Member:
+    """What BatchLoop._measure reads of a consumer: subscription, ends, commits, positions, state."""
+
+    def __init__(self, ends: dict[int, int], committed: dict[int, int], positions: dict[int, int], state: MemberState):
+        self.ends, self.commits, self.positions, self.state = ends, committed, positions, state
+
+    def subscription(self):
+        return {"t"}
+
+    def partitions_for_topic(self, topic):
+        return set(self.ends)
+
+    def end_offsets(self, partitions, timeout_ms=None):
+        return {tp: self.ends[tp.partition] for tp in partitions}
+
+    def committed(self, tp, timeout_ms=None):
+        return self.commits[tp.partition]
+
+    def beginning_offsets(self, partitions, timeout_ms=None):
+        return {tp: 0 for tp in partitions}
+
+    def assignment(self):
+        return {TopicPartition("t", p) for p in self.positions}
+
+    def position(self, tp, timeout_ms=None):
+        return self.positions[tp.partition]
+
+    def group_metadata(self):
+        return ConsumerGroupMetadata(group_id="g", generation_id=3, member_id="m", state=self.state)
+
+
+def stalls_seen(member: Member, refused: bool = False, seconds: int = 40, bound_s: float = 10) -> list[dict]:
+    """What the loop's watch reports of ``member``, measuring every second for ``seconds``."""
+    clock, lags = Clock(), []
+    loop = BatchLoop(member, None, lambda batch, prepared: [], batch_size=8, batch_timeout_ms=100,
+                     should_stop=lambda: True, stall_after_s=bound_s, on_lag=lambda lag, owned: lags.append((lag, owned)))
+    loop.liveness, loop._refused = LivenessWatch(bound_s, clock=clock), refused
+    seen = []
+    for t in range(seconds):
+        clock.now, loop._measured_at = float(t), float("-inf")
+        stall = loop._measure()
+        if stall is not None:
+            seen.append(stall.waiting)
+            loop.liveness.renewals += 1
+    # the gauges get the group's committed lag, whatever waits for this member
+    assert lags[0] == ({TopicPartition("t", p): member.ends[p] - member.commits[p] for p in member.ends}, member.assignment())
+    return seen
+
+
+def test_which_records_wait_for_a_member():
+    ends, committed = {0: 10, 1: 20}, {0: 9, 1: 5}  # 1 and 15 records uncommitted
+    p0, p1 = TopicPartition("t", 0), TopicPartition("t", 1)
+    # stable and caught up: a commit marker (or aborted records) between the committed offset
+    # and the end is not waiting, nor is another member's partition
+    assert stalls_seen(Member(ends, committed, {0: 10}, MemberState.STABLE)) == []
+    # stable: what lies between its position and the end of what it owns
+    assert stalls_seen(Member(ends, committed, {0: 10, 1: 12}, MemberState.STABLE)) == [{p1: 8}] * 3
+    # after a refused commit: everything it owns and has not committed (the batch lies behind the position)
+    assert stalls_seen(Member(ends, committed, {0: 10, 1: 20}, MemberState.STABLE), refused=True) == [{p0: 1, p1: 15}] * 3
+    # not stable (joining, or half-joined): it cannot say what it owns, all of it waits
+    assert stalls_seen(Member(ends, committed, {}, MemberState.REBALANCING)) == [{p0: 1, p1: 15}] * 3
 
 
 # --- against the real broker -----------------------------------------------------------------
@@ -112,7 +158,7 @@ def test_a_member_that_stops_fetching_is_renewed_and_its_records_are_handled(str
     n = 40
     consumer = paused_member(s, s.topics.frames)
     produce_records(s, [(f"k{i % 8}".encode(), f"in-{i}".encode(), None) for i in range(n)])  # all partitions
-    assert sum(owned_lag(consumer).values()) == n and group_lag(consumer, s.topics.frames) == n
+    assert sum(group_offsets(consumer).uncommitted().values()) == n
     renewed, events, done = [], [], []
 
     def new_consumer():
@@ -136,7 +182,7 @@ def test_a_member_that_stops_fetching_is_renewed_and_its_records_are_handled(str
     assert events[-1] is None  # told of the end of the stall
     assert len(renewed) == (1 if renew else 0)
     reader = make_consumer(s.kafka, group_id=s.kafka.scoring_group)  # not a member: reads the group's commits
-    assert group_lag(reader, s.topics.frames) == 0
+    assert sum(group_offsets(reader, [s.topics.frames]).uncommitted().values()) == 0
     reader.close()
     assert took < BOUND_S + 30  # the bound, one look, a join, 40 records
 

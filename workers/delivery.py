@@ -36,11 +36,12 @@ can de-duplicate):
 | (fetching while REBALANCING, heartbeats off)   | subscribes again; until then its commits are refused       |
 | a batch slower than max.poll.interval.ms       | the worker is evicted; batches are bounded (batch_size)    |
 |                                                | so this needs a setting far below the real batch time      |
-| the member owns partitions with records waiting| stalled (LivenessWatch): one warning line, on_stall (the   |
-| and commits nothing for stall_after_s (the     | worker's /readyz and interneg_worker_stalled say so); the  |
-| client stopped fetching, or every commit of it | batch in flight is committed, a prefetched one dropped     |
-| is refused)                                    | (redelivered), and the consumer is replaced by a new one   |
-|                                                | (new connections, fetch sessions, member id)             |
+| records wait uncommitted on partitions the     | stalled (LivenessWatch): one warning line, on_stall (the   |
+| member owns (any partition, while it is not    | worker's /readyz and interneg_worker_stalled say so); the  |
+| stable) and it commits nothing for             | batch in flight is committed, a prefetched one dropped     |
+| stall_after_s (the client stopped fetching,    | (redelivered), and the consumer is replaced by a new one   |
+| commits refused, a refused batch behind the    | (new connections, fetch sessions, member id)               |
+| position, a member that never becomes stable)  |                                                            |
 | still stalled after MAX_RENEWALS renewals      | ConsumerStalledError: the worker exits non-zero for its    |
 |                                                | supervisor to restart it; nothing committed is lost        |
 
@@ -114,9 +115,10 @@ REJOIN_POLL_MS = 3000
 # (see BatchLoop._rejoin_afresh): it leaves and joins again.
 HALF_JOINED_S = 10.0
 
-# The liveness watch looks at its owned partitions this often (one ListOffsets request), and
-# gives up on renewing its consumer after this many renewals in a row that brought no progress.
-LIVENESS_CHECK_S = 5.0
+# The loop measures its group's uncommitted records this often (one ListOffsets and one
+# OffsetFetch per partition), for the lag gauges and the liveness watch; the watch gives up on
+# renewing its consumer after this many renewals in a row that brought no progress.
+MEASURE_EVERY_S = 5.0
 MAX_RENEWALS = 3
 
 COMMIT_REFUSED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
@@ -219,14 +221,14 @@ class ConsumerStalledError(RuntimeError):
 
 @dataclass(frozen=True)
 class Stall:
-    """Records wait on partitions this member owns, and it has committed nothing for ``idle_s``."""
+    """Records wait for this member, and it has committed nothing for ``idle_s``."""
 
-    waiting: dict[TopicPartition, int]  # records between the position and the end, per owned partition
+    waiting: dict[TopicPartition, int]  # per partition (see BatchLoop._waiting)
     idle_s: float
 
     def describe(self) -> str:
         parts = ", ".join(f"{tp.topic}[{tp.partition}]: {n}" for tp, n in sorted(self.waiting.items()))
-        return f"{sum(self.waiting.values())} records waiting on owned partitions ({parts}), nothing committed for {self.idle_s:.0f} s"
+        return f"{sum(self.waiting.values())} records waiting ({parts}), nothing committed for {self.idle_s:.0f} s"
 
 
 # Lag measurements wait at most this long for the broker, all their requests together: the
@@ -246,55 +248,64 @@ class _Deadline:
         return left
 
 
-def owned_lag(consumer: KafkaConsumer, timeout_ms: int = LAG_TIMEOUT_MS) -> dict[TopicPartition, int]:
-    """Records between the consumer's position and the end, per owned partition.
-
-    The end is the last stable offset under read_committed (kafka-python lists offsets with
-    the consumer's isolation level), so an open transaction of another producer is no lag.
-    Raises a KafkaError (a KafkaTimeoutError past ``timeout_ms``) if the broker does not answer.
-    """
-    owned = list(consumer.assignment())
-    if not owned:
-        return {}
+def committed_offsets(consumer: KafkaConsumer, partitions: Sequence[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int | None]:
+    """The group's committed offset per partition (None: never committed), read stable under
+    read_committed (the broker makes the read wait for a transaction still open on it).
+    A KafkaTimeoutError once ``timeout_ms`` has passed, all partitions together."""
     deadline = _Deadline(timeout_ms)
-    ends = consumer.end_offsets(owned, timeout_ms=deadline.ms())
-    lag = {}
-    for tp in owned:
-        position = consumer.position(tp, timeout_ms=deadline.ms())
-        lag[tp] = max(0, ends.get(tp, 0) - (position if position is not None else 0))
-    return lag
+    return {tp: consumer.committed(tp, timeout_ms=deadline.ms()) for tp in partitions}
 
 
-def group_lag(consumer: KafkaConsumer, topic: str, timeout_ms: int = LAG_TIMEOUT_MS) -> int:
-    """Records of ``topic`` that the consumer's group has not committed, all partitions (a
-    partition never committed counts from its beginning, where auto_offset_reset starts)."""
-    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+@dataclass(frozen=True)
+class GroupOffsets:
+    """The end and the group's committed offset of every partition of some topics."""
+
+    ends: dict[TopicPartition, int]  # the last stable offset under read_committed
+    committed: dict[TopicPartition, int]  # where the group resumes: its beginning if never committed
+
+    def uncommitted(self) -> dict[TopicPartition, int]:
+        """The group's lag per partition, as Kafka's tools count it: end minus committed.
+
+        Under read_committed a partition written in transactions can show 1 (or more) while
+        the group has handled everything: a batch's committed offset is one past its last
+        record, and the commit marker (and any aborted records) after it count.
+        """
+        return {tp: max(0, end - self.committed[tp]) for tp, end in self.ends.items()}
+
+
+def group_offsets(consumer: KafkaConsumer, topics: Sequence[str] | None = None, timeout_ms: int = LAG_TIMEOUT_MS) -> GroupOffsets:
+    """Ends and committed offsets of every partition of ``topics`` (by default the subscribed
+    ones), for the consumer's group, whoever owns the partitions. kafka-python lists offsets
+    with the consumer's isolation level, so an open transaction of another producer does not
+    move the end. Raises a KafkaError (a KafkaTimeoutError past ``timeout_ms``) if the broker
+    does not answer.
+    """
+    partitions = [TopicPartition(topic, p) for topic in sorted(topics or consumer.subscription() or [])
+                  for p in sorted(consumer.partitions_for_topic(topic) or [])]
     if not partitions:
-        return 0
+        return GroupOffsets({}, {})
     deadline = _Deadline(timeout_ms)
     ends = consumer.end_offsets(partitions, timeout_ms=deadline.ms())
-    committed = {tp: consumer.committed(tp, timeout_ms=deadline.ms()) for tp in partitions}
+    committed = committed_offsets(consumer, partitions, deadline.ms())
     never = [tp for tp, offset in committed.items() if offset is None]
     starts = consumer.beginning_offsets(never, timeout_ms=deadline.ms()) if never else {}
-    return sum(max(0, ends[tp] - (starts[tp] if offset is None else offset)) for tp, offset in committed.items())
+    return GroupOffsets(ends, {tp: starts[tp] if offset is None else offset for tp, offset in committed.items()})
 
 
 class LivenessWatch:
-    """The liveness guarantee of a group member: progress is a committed batch, or a look at
-    the owned partitions that finds no record waiting. A member that owns partitions with
-    records waiting and has made no progress for ``bound_s`` is stalled, whatever the cause
-    (a client that stopped fetching, commits refused forever, a half-joined member).
+    """The liveness guarantee of a group member: progress is a committed batch, or a look that
+    finds no record waiting for it (BatchLoop._waiting says which do). A member with records
+    waiting and no progress for ``bound_s`` is stalled, whatever the cause (a client that
+    stopped fetching, commits refused forever, a member that never becomes stable).
 
-    Looks are rate-limited to one per ``every_s``; one that fails (broker away) counts as
-    progress, since a missing broker is no fault of this member and renewing would not help.
+    A look whose measurement failed (broker away) counts as progress, since a missing broker is
+    no fault of this member and renewing would not help.
     """
 
-    def __init__(self, bound_s: float, every_s: float = LIVENESS_CHECK_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, bound_s: float, clock: Callable[[], float] = time.monotonic):
         self.bound_s = bound_s
-        self.every_s = min(every_s, bound_s / 4)
         self.clock = clock
         self.last_progress = clock()
-        self.last_look = float("-inf")
         self.stall: Stall | None = None  # the current stall, until progress clears it
         self.renewals = 0  # consumer renewals since the last progress
 
@@ -304,20 +315,13 @@ class LivenessWatch:
         self.last_progress, self.renewals = self.clock(), 0
         return ended
 
-    def look(self, consumer: KafkaConsumer) -> Stall | None:
-        """The stall, if the member is stalled now (once per bound), else None (also between looks)."""
-        now = self.clock()
-        if now - self.last_look < self.every_s:
-            return None
-        self.last_look = now
-        try:
-            waiting = {tp: n for tp, n in owned_lag(consumer).items() if n > 0}
-        except KafkaError:
-            waiting = {}
+    def look(self, waiting: dict[TopicPartition, int]) -> Stall | None:
+        """The stall, if the member is stalled now with ``waiting`` records, else None."""
+        waiting = {tp: n for tp, n in waiting.items() if n > 0}
         if not waiting:
             self.progressed()
             return None
-        idle = now - self.last_progress
+        idle = self.clock() - self.last_progress
         if idle <= self.bound_s * (self.renewals + 1):  # a renewed consumer gets the bound afresh
             return None
         self.stall = Stall(waiting, idle)
@@ -365,6 +369,7 @@ class BatchLoop:
         stall_after_s: float | None = None,
         renew_consumer: Callable[[], KafkaConsumer] | None = None,
         on_stall: Callable[[Stall | None], None] = lambda stall: None,
+        on_lag: Callable[[dict[TopicPartition, int], set[TopicPartition]], None] | None = None,
     ):
         self.consumer = consumer
         self.producer = producer
@@ -387,6 +392,11 @@ class BatchLoop:
         self.liveness = LivenessWatch(stall_after_s) if stall_after_s else None
         self.renew_consumer = renew_consumer
         self.on_stall = on_stall
+        # on_lag(uncommitted per partition, partitions this member owns) after each measurement
+        self.on_lag = on_lag
+        self.measure_every_s = min(MEASURE_EVERY_S, stall_after_s / 4) if stall_after_s else MEASURE_EVERY_S
+        self._measured_at = float("-inf")
+        self._reseeks = 0  # how often positions were reset to the committed offsets: a batch polled before is stale
 
     def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float, Any]:
         """A batch, the seconds it took, and the group membership it was polled under.
@@ -411,7 +421,9 @@ class BatchLoop:
         else:
             self._half_joined_since = None
         membership = (group.generation_id, group.member_id)
-        changed = self._membership is not None and membership != self._membership
+        # the first poll counts as a change too: the loop cannot know in which generation a
+        # consumer handed to it fetched, and poll_batch may have spanned a rebalance
+        changed = membership != self._membership
         self._membership = membership
         # Exactly-once, after every rebalance: kafka-python keeps the position of a partition
         # this member held before and holds after it, even when another member owned it in
@@ -451,10 +463,10 @@ class BatchLoop:
     def _seek_to_committed(self) -> None:
         """Every owned partition back to its committed offset, read stable (the broker makes
         the read wait for a transaction still open on it): where exactly-once resumes."""
-        deadline = time.monotonic() + COMMIT_RETRY_S
-        for tp in self.consumer.assignment():
-            remaining_ms = max(1, int(1000 * (deadline - time.monotonic())))
-            offset = self.consumer.committed(tp, timeout_ms=remaining_ms)  # KafkaTimeoutError: the worker exits
+        self._reseeks += 1
+        owned = list(self.consumer.assignment())
+        # KafkaTimeoutError after COMMIT_RETRY_S: the worker exits, its successor starts from the commits
+        for tp, offset in committed_offsets(self.consumer, owned, int(1000 * COMMIT_RETRY_S)).items():
             if offset is None:
                 self.consumer.seek_to_beginning(tp)  # never committed: auto_offset_reset is earliest
             else:
@@ -469,15 +481,50 @@ class BatchLoop:
             self.log.info("consumer moving again after a stall")
         self.on_stall(None)
 
-    def _stalled(self) -> Stall | None:
-        """A stall seen now (LivenessWatch.look), or None."""
+    def _measure(self) -> Stall | None:
+        """Every measure_every_s: the group's lag (to on_lag) and, from the same offsets, a
+        stall seen now (LivenessWatch.look), or None."""
+        if self.liveness is None and self.on_lag is None:
+            return None
+        now = time.monotonic()
+        if now - self._measured_at < self.measure_every_s:
+            return None
+        self._measured_at = now
+        owned = set(self.consumer.assignment())
+        try:
+            offsets = group_offsets(self.consumer)
+            if self.on_lag is not None:
+                self.on_lag(offsets.uncommitted(), owned)
+            waiting = self._waiting(offsets, owned) if self.liveness is not None else {}
+        except KafkaError as exc:  # the broker away: no gauge moves, and it is no stall of this member
+            if self.log is not None:
+                self.log.warning("lag not measured", error=str(exc))
+            waiting = {}
         if self.liveness is None:
             return None
         was_stalled = self.liveness.stall is not None
-        stall = self.liveness.look(self.consumer)
+        stall = self.liveness.look(waiting)
         if was_stalled and self.liveness.stall is None:  # the look found nothing waiting
             self._stall_over()
         return stall
+
+    def _waiting(self, offsets: GroupOffsets, owned: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """The records waiting for this member, per partition.
+
+        A stable member: those between its position and the end of each partition it owns,
+        and, after a refused commit not yet healed by a reseek (see _poll), every record it
+        has not committed: the refused batch lies behind its position. Not the committed lag
+        always: a commit marker after a batch's last record would wait for ever. A member that
+        is not stable cannot say what it owns: every uncommitted record of its topics waits.
+        """
+        group = self.consumer.group_metadata()
+        if group.group_id is not None and group.state != MemberState.STABLE:
+            return offsets.uncommitted()
+        if self._refused:
+            return {tp: n for tp, n in offsets.uncommitted().items() if tp in owned}
+        deadline = _Deadline(LAG_TIMEOUT_MS)
+        positions = {tp: self.consumer.position(tp, timeout_ms=deadline.ms()) for tp in owned if tp in offsets.ends}
+        return {tp: max(0, offsets.ends[tp] - (position or 0)) for tp, position in positions.items()}
 
     def _recover(self, stall: Stall) -> None:
         """Replace the consumer (or leave and rejoin the group) after a stall; give up after MAX_RENEWALS."""
@@ -593,7 +640,7 @@ class BatchLoop:
     def run_once(self) -> BatchStats | None:
         """One batch without overlap (what the tests and the inversion worker use)."""
         self.between_batches()
-        stall = self._stalled()
+        stall = self._measure()
         if stall is not None:
             self._recover(stall)
         batch, poll_s, group = self._poll(self.batch_timeout_ms)
@@ -626,7 +673,7 @@ class BatchLoop:
             while True:
                 stopping = self.should_stop()
                 self.between_batches()
-                stall = None if stopping else self._stalled()
+                stall = None if stopping else self._measure()
                 if stall is not None:  # finish what is in hand, then renew
                     if in_flight is not None:
                         self._confirm_and_commit(in_flight)
@@ -634,7 +681,7 @@ class BatchLoop:
                         pending[1].result()  # prepared for nothing: redelivered from the committed offsets
                     in_flight = pending = None
                     self._recover(stall)
-                following = None
+                following, reseeks = None, self._reseeks
                 if not stopping:
                     # With work in hand, wait only briefly for more (under load records are
                     # already buffered and return at once). Not zero or a few ms: kafka-python
@@ -644,6 +691,12 @@ class BatchLoop:
                     batch, poll_s, group = self._poll(min(BUSY_POLL_MS, self.batch_timeout_ms) if busy else self.batch_timeout_ms)
                     if batch:
                         following = (batch, executor.submit(self._timed_prepare, batch), poll_s, group)
+                if pending is not None and self._reseeks != reseeks:
+                    # that poll reset the positions to the committed offsets: the batch polled
+                    # before it is polled again from there, and committing it now would commit
+                    # its offsets behind the positions (handled twice)
+                    pending[1].result()
+                    pending = None
                 sent = None
                 if pending is not None:
                     batch, future, poll_s, group = pending

@@ -122,7 +122,7 @@ class WorkerMetrics:
             registry=r,
         )
         self.consumer_lag = Gauge(
-            "interneg_consumer_lag", "records behind the partition end", ["topic", "partition"], registry=r
+            "interneg_consumer_lag", "records of an owned partition its group has not committed (end minus committed offset)", ["topic", "partition"], registry=r
         )
         self.bank_size = Gauge("interneg_bank_size", "negatives in the bank in use", registry=r)
         self.bank_version = Gauge("interneg_bank_version", "version of the bank in use", registry=r)

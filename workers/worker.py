@@ -7,21 +7,19 @@ import os
 import signal
 import socket
 import threading
-import time
 from abc import ABC, abstractmethod
 
+from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
 
 from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
 from schemas.settings import Settings
-from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter, group_lag, owned_lag
+from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter
 from workers.kafka_clients import make_consumer, make_producer
 from workers.negatives import NegativeFollower, inadmissible_to
 from workers.ops import OpsServer, WorkerMetrics, configure_logging, get_logger
 
-LAG_EVERY_S = 5.0
 
 
 class BundleWorker(ABC):
@@ -42,7 +40,6 @@ class BundleWorker(ABC):
         self.loop: BatchLoop | None = None
         self.batches = 0
         self.stage_seconds: dict[str, float] = {}  # stages inside handle, set by the subclass
-        self._lag_checked = 0.0
         self._lag_labels: set[tuple[str, str]] = set()
 
     # --- what a worker defines -------------------------------------------------------------
@@ -100,12 +97,6 @@ class BundleWorker(ABC):
         self.ops.beat()
         if self.follower is not None and self.follower.poll():
             self._bank_metrics()
-        if time.monotonic() - self._lag_checked > LAG_EVERY_S:  # idle or not: a stale lag gauge misleads alerts
-            self._lag_checked = time.monotonic()
-            try:
-                self._record_lag()
-            except KafkaError as exc:  # the broker away: the gauges keep their last values
-                self.log.warning("lag not measured", error=str(exc))
 
     def on_stall(self, stall: Stall | None) -> None:
         """The batch loop's liveness watch saw a stall (and renews the consumer), or its end."""
@@ -129,22 +120,21 @@ class BundleWorker(ABC):
         self.metrics.transactions_aborted.inc()
         self.on_abort()
 
-    def _record_lag(self) -> None:
-        """This member's lag per owned partition, and the whole group's on its input topic.
+    def on_lag(self, lag: dict[TopicPartition, int], owned: set[TopicPartition]) -> None:
+        """The loop measured its group's uncommitted records (every few seconds, idle or not: a
+        stale gauge misleads alerts): per partition this member owns, and the group's total.
 
-        The group's lag (end minus committed offset, every partition) is what the stall alert
-        reads: it counts partitions that no member owns or whose owner stopped reporting.
+        The group's lag counts partitions that no member owns or whose owner stopped
+        reporting: it is what the stall alert reads.
         """
-        consumer = self.loop.consumer
-        lag = owned_lag(consumer)
-        owned = {(tp.topic, str(tp.partition)) for tp in lag}
-        for labels in self._lag_labels - owned:  # moved to another worker: its lag is theirs to report now
-            self.metrics.consumer_lag.remove(*labels)
-        self._lag_labels = owned
-        for tp, behind in lag.items():
-            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(behind)
-        topic = self.input()[0]
-        self.metrics.group_lag.labels(topic=topic).set(group_lag(consumer, topic))
+        labels = {(tp.topic, str(tp.partition)) for tp in owned}
+        for gone in self._lag_labels - labels:  # moved to another worker: its lag is theirs to report now
+            self.metrics.consumer_lag.remove(*gone)
+        self._lag_labels = labels
+        for tp in owned:
+            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag.get(tp, 0))
+        for topic in {tp.topic for tp in lag}:
+            self.metrics.group_lag.labels(topic=topic).set(sum(n for tp, n in lag.items() if tp.topic == topic))
 
     def serve(self) -> None:
         """Catch up with the negatives, report ready, run batches until SIGTERM, drain, stop."""
@@ -182,6 +172,7 @@ class BundleWorker(ABC):
                 stall_after_s=s.worker.stall_after_s,
                 renew_consumer=new_consumer,
                 on_stall=self.on_stall,
+                on_lag=self.on_lag,
             )
             self.ops.set_ready(True)
             loop.run()

@@ -2,8 +2,10 @@
 
 Inter-modal selection (InterNeg) measures each candidate against the ID image
 prototypes; NegLabel's intra-modal selection against the ID label texts. Both return
-indices into the candidate array, nouns first then adjectives, each part ordered by
-how far from ID the candidate is (ties by word, or by index when no words are given).
+indices into the candidate array, each part ordered by how far from ID the candidate is
+(ties by word, or by index when no words are given), the parts in the order each
+method's released code stacks them: InterNeg adjectives first, NegLabel nouns first. The
+order matters: the grouped score's permutation runs over positions (METHOD §2.6).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from pipeline.arrays import ArrayLike, as_tensor
 
@@ -61,11 +64,15 @@ def _check_candidates(cand_emb: ArrayLike, is_adjective: ArrayLike, words: Seque
 
 
 def split_budget(m: int, n_adj: int, n_noun: int) -> tuple[int, int]:
-    """M_adj = floor(M·n_adj/(n_adj+n_noun)), M_noun = M - M_adj, each capped by its pool."""
+    """M_adj = int(M * (n_adj / (n_adj + n_noun))), M_noun = M - M_adj, each capped by its pool.
+
+    A float product truncated, as the released code computes it: it can differ from the
+    exact floor by one (M = 100, 29 of 100 admissible are adjectives: 28, not 29).
+    """
     total = n_adj + n_noun
     if total == 0:
         return 0, 0
-    m_adj = (m * n_adj) // total
+    m_adj = int(m * (n_adj / total))
     m_noun = m - m_adj
     return min(m_adj, n_adj), min(m_noun, n_noun)
 
@@ -79,7 +86,7 @@ def select_intermodal(
     *,
     words: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """InterNeg's selection: the top-M admissible candidates by deviation degree."""
+    """InterNeg's selection: the top-M admissible candidates by deviation degree, adjectives first."""
     flags = _check_candidates(cand_emb, is_adjective, words)
     dev = deviation(cand_emb, prototypes, base_similarity(id_text_emb, prototypes))
     nouns = np.flatnonzero(dev.admissible & ~flags)
@@ -87,16 +94,17 @@ def select_intermodal(
     m_adj, m_noun = split_budget(m, len(adjs), len(nouns))
     chosen_nouns = _ranked(nouns, dev.degree, words, descending=True)[:m_noun]
     chosen_adjs = _ranked(adjs, dev.degree, words, descending=True)[:m_adj]
-    return np.concatenate([chosen_nouns, chosen_adjs]).astype(np.int64)
+    return np.concatenate([chosen_adjs, chosen_nouns]).astype(np.int64)
 
 
 def neglabel_distance(cand_emb: ArrayLike, id_text_emb: ArrayLike, percentile: float = 0.95) -> np.ndarray:
-    """η-quantile of cos(e_c, t_k) over k: index floor(η·K) of the ascending sort."""
-    c = as_tensor(cand_emb, "cand_emb").double().numpy()
-    t = as_tensor(id_text_emb, "id_text_emb").double().numpy()
-    sims = np.sort(c @ t.T, axis=1)
-    index = min(int(np.floor(percentile * t.shape[0])), t.shape[0] - 1)
-    return sims[:, index]
+    """η-quantile of cos(e_c, t_k) over k, interpolated linearly between the two nearest
+    ranks (``torch.quantile``, as NegLabel's released code), in float32 as it computes it."""
+    c = as_tensor(cand_emb, "cand_emb").float()
+    t = as_tensor(id_text_emb, "id_text_emb").float()
+    rows = max(1, 2**24 // max(1, t.shape[0]))  # torch.quantile refuses inputs past 2**24 elements
+    parts = [torch.quantile(c[i : i + rows] @ t.T, percentile, dim=1) for i in range(0, len(c), rows)]
+    return (torch.cat(parts) if parts else torch.zeros(0)).double().numpy()
 
 
 def select_neglabel(

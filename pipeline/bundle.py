@@ -36,7 +36,7 @@ class Bundle:
     class_names: list[str]
     logit_scale: float
     id_text: np.ndarray  # (K, D) "The nice {y}."
-    id_text_mcm: np.ndarray  # (K, D) "a photo of a {y}."
+    id_text_mcm: np.ndarray  # (K, D) "a photo of a {y}" (MCM)
     prototypes: np.ndarray | None  # (K, D), None without example images
     interneg_words: list[str]
     interneg_negatives: np.ndarray  # (M, D)

@@ -12,7 +12,7 @@ from pipeline.images import list_images, load_image_file
 from schemas.settings import ClassesSettings, ImageSettings
 
 ID_PROMPT = "The nice {}."
-MCM_PROMPT = "a photo of a {}."
+MCM_PROMPT = "a photo of a {}"  # no full stop, as MCM's released code (METHOD §3)
 
 
 class ClassesError(ValueError):

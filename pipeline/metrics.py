@@ -8,9 +8,24 @@ RECALL = 0.95
 
 
 def _fpr_at_recall(labels: np.ndarray, scores: np.ndarray, recall: float = RECALL) -> float:
-    """False-positive rate at the first threshold whose true-positive rate reaches ``recall``."""
+    """False-positive rate at the first threshold whose true-positive rate reaches ``recall``
+    (OpenOOD's rule, for the OOD-positive FPR95)."""
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(fpr[np.searchsorted(tpr, recall, side="left")])
+
+
+def _fpr_nearest_recall(labels: np.ndarray, scores: np.ndarray, recall: float = RECALL) -> float:
+    """False-positive rate at the ROC point nearest ``recall`` (MCM's and NegLabel's rule, for
+    the ID-positive FPR95): over the distinct thresholds down to the first that reaches full
+    recall; of equally near points, the one at the lowest threshold. MCM's code also appends
+    a point (recall 1, FPR 0); it is left out here, since it reports FPR 0 whenever no real
+    point lies within 0.05 of the recall asked for.
+    """
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    fpr, tpr = fpr[1:], tpr[1:]  # without roc_curve's (0, 0) starting point
+    last = int(np.argmax(tpr >= 1.0))
+    distance = np.abs(tpr[: last + 1] - recall)
+    return float(fpr[np.flatnonzero(distance == distance.min())[-1]])
 
 
 def _check(name: str, scores) -> np.ndarray:
@@ -29,7 +44,7 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
     - ``fpr95_ood_positive`` (OpenOOD v1.5, InterNeg): fraction of ID samples flagged
       OOD at 95 % OOD recall.
     - ``fpr95_id_positive`` (MCM, NegLabel): fraction of OOD samples accepted as ID at
-      95 % ID recall.
+      the ROC point nearest 95 % ID recall.
     """
     id_s, ood_s = _check("id_scores", id_scores), _check("ood_scores", ood_scores)
     scores = np.concatenate([id_s, ood_s])
@@ -37,7 +52,7 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
     return {
         "auroc": float(roc_auc_score(is_id, scores)),
         "fpr95_ood_positive": _fpr_at_recall(1 - is_id, -scores),
-        "fpr95_id_positive": _fpr_at_recall(is_id, scores),
+        "fpr95_id_positive": _fpr_nearest_recall(is_id, scores),
         "aupr_in": float(average_precision_score(is_id, scores)),
         "aupr_out": float(average_precision_score(1 - is_id, -scores)),
     }

@@ -22,7 +22,7 @@ from pipeline.selection import base_similarity, deviation
 
 @dataclass
 class Scores:
-    score: np.ndarray  # (B,) high = in-distribution
+    score: np.ndarray  # (B,) float64, high = in-distribution
     id_class: np.ndarray  # (B,) index of the most likely ID class
     id_prob: np.ndarray  # (B,) its probability among the ID classes
 
@@ -45,7 +45,7 @@ class AdaptStats:
 
 
 def _id_prediction(id_logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    probs = torch.softmax(id_logits, dim=1)
+    probs = torch.softmax(id_logits.double(), dim=1)  # float64: MCM's score is this probability
     top = probs.max(dim=1)
     return top.indices.cpu().numpy(), top.values.cpu().numpy()
 

@@ -1,7 +1,10 @@
 """The scores of METHOD §3: the grouped negative-label score and MCM.
 
 Embeddings are assumed L2-normalised. Everything is computed in log space: with
-λ·cos reaching 100, raw exponentials overflow float32.
+λ·cos reaching 100, raw exponentials overflow float32. The reductions run in float64 and
+scores come out in float64: in float32, S rounds to exactly 1.0 once a frame's ID margin
+passes about 17 logits, and those ties erase the ranking that AUROC, FPR95 and a
+recall-oriented threshold need (METHOD §3). The logits themselves may stay float32.
 """
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ def group_permutation(num_negatives: int, groups: int, seed: int = 0) -> torch.T
 
 
 def grouped_logits_score(id_logits: torch.Tensor, neg_logits: torch.Tensor, groups: int, seed: int = 0) -> torch.Tensor:
-    """S(x) = mean_g Σ_k e^{z_k} / (Σ_k e^{z_k} + Σ_{j∈g} e^{z_j}), from logits."""
+    """S(x) = mean_g Σ_k e^{z_k} / (Σ_k e^{z_k} + Σ_{j∈g} e^{z_j}), from logits, in float64."""
     index = group_permutation(neg_logits.shape[1], groups, seed).to(neg_logits.device)  # tiny; cheap to rebuild
-    id_lse = torch.logsumexp(id_logits, dim=1)  # (B,)
-    group_lse = torch.logsumexp(neg_logits[:, index], dim=2)  # (B, G)
+    id_lse = torch.logsumexp(id_logits.double(), dim=1)  # (B,)
+    group_lse = torch.logsumexp(neg_logits.double()[:, index], dim=2)  # (B, G)
     log_s = id_lse[:, None] - torch.logaddexp(id_lse[:, None], group_lse)
     return log_s.exp().mean(dim=1)
 
@@ -48,7 +51,7 @@ def grouped_score(
     """The NegLabel/InterNeg score per image (high = in-distribution), METHOD §3.
 
     ``scale`` is λ = exp(logit_scale). Negatives are split into ``groups`` groups by
-    :func:`group_permutation`; the result has one value in (0, 1] per image.
+    :func:`group_permutation`; the result has one float64 value in (0, 1] per image.
     """
     images = as_tensor(image_emb, "image_emb")
     id_text = as_tensor(id_text_emb, "id_text_emb")
@@ -67,5 +70,5 @@ def mcm_score(image_emb: ArrayLike, id_text_emb: ArrayLike, *, temperature: floa
     id_text = as_tensor(id_text_emb, "id_text_emb")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    probs = torch.softmax(images @ id_text.T / temperature, dim=1)
+    probs = torch.softmax((images @ id_text.T).double() / temperature, dim=1)
     return like_input(probs.max(dim=1).values, image_emb)

@@ -54,7 +54,7 @@ where eps is per-image "instance noise" (pose, background, other objects). A fra
 husky photographed so that it looks like a malamute), the rest is isotropic: this is what
 makes zero-shot errors fall mostly between related classes, as with real CLIP.
 
-*ID side.* ``id_text`` = prompt "The nice {y}.", ``id_text_mcm`` = "a photo of a {y}."
+*ID side.* ``id_text`` = prompt "The nice {y}.", ``id_text_mcm`` = "a photo of a {y}"
 (the same concept, an independent prompt-noise draw), ``id_examples`` = ``shots`` images
 per class, ``prototypes`` = their normalised mean, ``id_features`` = ``n_id_images`` test
 images with balanced labels.
@@ -264,7 +264,7 @@ class SimulatedWorld:
     params: SimulationParams
     id_names: list[str]                # "class_000", ...
     id_text: np.ndarray                # (K, D) E_T("The nice {y}.")
-    id_text_mcm: np.ndarray            # (K, D) E_T("a photo of a {y}.")
+    id_text_mcm: np.ndarray            # (K, D) E_T("a photo of a {y}")
     id_examples: np.ndarray            # (K, shots, D) few-shot example images
     prototypes: np.ndarray             # (K, D) normalised mean of id_examples
     lexicon_words: list[str]           # "noun_00001", ..., "adj_0001", ...

@@ -20,6 +20,8 @@ def test_prepared_bundle_round_trip(tiny_bundle_dir, tiny_model, tiny_settings):
     np.testing.assert_allclose(np.load(tiny_bundle_dir / "base_similarity.npy"), base_similarity(bundle.id_text, bundle.prototypes), atol=1e-6)
     # the ID text embedding is exactly the encoder's output for the prompt
     np.testing.assert_allclose(bundle.id_text[0], tiny_model.encode_texts(["The nice blue circle."])[0], atol=1e-6)
+    # MCM's prompt has no full stop, as MCM's released code
+    np.testing.assert_allclose(bundle.id_text_mcm[0], tiny_model.encode_texts(["a photo of a blue circle"])[0], atol=1e-6)
     # every chosen InterNeg negative is admissible: farther from each prototype than its label text
     sims = bundle.interneg_negatives @ bundle.prototypes.T
     assert (sims < bundle.base_similarity[None, :]).all()

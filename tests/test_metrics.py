@@ -19,6 +19,16 @@ def test_known_values_and_the_two_fpr95_conventions():
     assert m["aupr_out"] == pytest.approx((1 / 2 + 2 / 3 + 3 / 4 + 4 / 6) / 4)
 
 
+def test_id_positive_fpr95_is_read_at_the_nearest_point_as_mcm_and_neglabel_do():
+    # 12 of 13 ID samples tie at 0.9; the 13th ties with two OOD samples at 0.3. Recall 12/13
+    # (0.923) is nearer 95 % than 13/13: no OOD sample is accepted there. The first point
+    # reaching 95 % (13/13) would accept 2 of 3.
+    m = ood_metrics([0.9] * 12 + [0.3], [0.3, 0.3, 0.1])
+    assert m["fpr95_id_positive"] == 0.0
+    # of equally near points (the same recall), the one at the lowest threshold: 2 of 3 accepted
+    assert ood_metrics([0.9] * 12 + [0.05], [0.5, 0.4, 0.01])["fpr95_id_positive"] == pytest.approx(2 / 3)
+
+
 def test_perfect_separation():
     m = ood_metrics([0.9, 0.8], [0.1, 0.2])
     assert m == {"auroc": 1.0, "fpr95_ood_positive": 0.0, "fpr95_id_positive": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}

@@ -77,3 +77,28 @@ def test_nan_input_is_refused_with_a_count():
 def test_mcm_is_the_max_softmax_of_cosines():
     assert mcm_score(X, ID)[0] == pytest.approx(math.e / (math.e + 1), rel=1e-6)
     assert mcm_score(X, ID, temperature=0.5)[0] == pytest.approx(math.exp(2) / (math.exp(2) + 1), rel=1e-6)
+
+
+def test_scores_keep_their_resolution_past_an_id_margin_of_17_logits():
+    """In float32, S rounds to exactly 1.0 once the ID margin passes ~17 logits: these three
+    frames (margins 20, 25 and 30 logits over the one negative) tied at 1.0 before."""
+    negs = np.array([unit(1, 0)], dtype=np.float32)
+    frames = np.array([unit(1.0, math.tan(math.acos(c))) for c in (0.8, 0.75, 0.7)], dtype=np.float32)
+    ids = np.array([unit(1, 0), unit(0, 1)], dtype=np.float32)
+    # the frames' cosine to the negative and to the first ID text are equal; an ID text that
+    # only the frames resemble gives the margin
+    ids[1] = frames.mean(axis=0) / np.linalg.norm(frames.mean(axis=0))
+    got = grouped_score(frames, ids, negs, scale=100.0, groups=1)
+    assert got.dtype == np.float64
+    z = 100.0 * frames.astype(np.float64) @ ids.T.astype(np.float64)
+    zn = 100.0 * frames.astype(np.float64) @ negs.T.astype(np.float64)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    expected = 1.0 / (1.0 + np.exp(zn[:, 0] - lse))
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert (got < 1.0).all() and len(set(got.tolist())) == 3
+    # the scorers carry it through
+    from pipeline.bank import NegativeBank
+    from pipeline.scorers import NegLabelScorer
+
+    scores = NegLabelScorer(ids, NegativeBank(negs, ["n"], capacity=0), scale=100.0, groups=1).score(frames)
+    assert scores.score.dtype == np.float64 and len(set(scores.score.tolist())) == 3

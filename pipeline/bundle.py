@@ -93,6 +93,7 @@ def build_bundle(
         interneg_idx = neglabel_idx
         note = "no example images: inter-modal selection and inversion are unavailable; InterNeg uses NegLabel's selection"
     info = {
+        "lexicon": settings.method.lexicon,
         "lexicon_candidates": len(lexicon.words),
         "dropped_as_class_names": total_candidates - len(kept),
         "interneg_negatives": int(len(interneg_idx)),
@@ -123,7 +124,7 @@ def prepare_bundle(loaded, classes_source: Path, settings: Settings) -> Bundle:
     id_text = loaded.encode_texts([ID_PROMPT.format(n) for n in classes.names])
     id_text_mcm = loaded.encode_texts([MCM_PROMPT.format(n) for n in classes.names])
     prototypes = compute_prototypes(loaded, classes, settings.classes, settings.images) if classes.has_examples else None
-    lexicon = load_lexicon()
+    lexicon = load_lexicon(settings.method.lexicon)
     lexicon_emb = cached_text_embeddings(
         loaded, lexicon.prompts, settings.cache_dir, batch_size=settings.model.text_batch_size
     )

@@ -1,8 +1,14 @@
-"""The candidate lexicon (WordNet nouns and adjectives) and its cached embeddings.
+"""The candidate lexicons (WordNet nouns and adjectives) and their cached embeddings.
 
-The word lists are package data made by ``pipeline/data/build_lexicon.py``. Encoding
-~70k prompts is the slowest offline step, so embeddings are cached per model, addressed
-by the model id and the exact prompts: the same model never encodes them twice.
+Two lexicons ship as package data, chosen by name (``INTERNEG_METHOD__LEXICON``):
+
+- ``paper``: the word files NegLabel released and InterNeg reuses
+  (``pipeline/data/paper_lexicon/``, WordNet 3.0 licence beside them), read as the released
+  code reads them: the candidate pool of every published number (METHOD §1).
+- ``debian``: built from Debian's wordnet-base by ``pipeline/data/build_lexicon.py``.
+
+Encoding ~70k prompts is the slowest offline step, so embeddings are cached per model,
+addressed by the model id and the exact prompts: the same model never encodes them twice.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 import numpy as np
 
@@ -29,9 +35,10 @@ class Lexicon:
         return [(ADJECTIVE_PROMPT if adj else NOUN_PROMPT).format(w) for w, adj in zip(self.words, self.is_adjective)]
 
     def without(self, names: Iterable[str]) -> tuple["Lexicon", np.ndarray]:
-        """Drop candidates equal to an ID class name (case-insensitive); returns the kept indices."""
-        banned = {n.strip().lower() for n in names}
-        keep = np.array([w.lower() not in banned for w in self.words], dtype=bool)
+        """Drop candidates equal to an ID class name (exact, case-sensitive, as the released
+        code: "Granny Smith" does not drop "granny smith"); returns the kept indices."""
+        banned = set(names)
+        keep = np.array([w not in banned for w in self.words], dtype=bool)
         kept = np.flatnonzero(keep)
         return Lexicon([self.words[i] for i in kept], self.is_adjective[kept]), kept
 
@@ -41,9 +48,37 @@ def _read_words(name: str) -> list[str]:
     return [line for line in text.splitlines() if line]
 
 
-def load_lexicon() -> Lexicon:
-    nouns = _read_words("lexicon_nouns.txt")
-    adjectives = _read_words("lexicon_adjectives.txt")
+LexiconName = Literal["debian", "paper"]
+LEXICONS: tuple[str, ...] = ("debian", "paper")
+
+
+def _paper_words() -> tuple[list[str], list[str]]:
+    """Nouns and adjectives of the released word files, read as the released code reads them:
+    every ``noun*``/``adj*`` .txt file, each split at newlines without its last piece, words
+    kept as released (quirks included); a word that is both noun and adjective is a noun.
+    The released code orders them as a Python set does (at random); here they are sorted."""
+    nouns: set[str] = set()
+    adjectives: set[str] = set()
+    for entry in resources.files("pipeline.data").joinpath("paper_lexicon").iterdir():
+        name = entry.name
+        if not name.endswith("txt"):
+            continue
+        if name.startswith("adj"):
+            adjectives.update(entry.read_text(encoding="utf-8").split("\n")[:-1])
+        elif name.startswith("noun"):
+            nouns.update(entry.read_text(encoding="utf-8").split("\n")[:-1])
+    return sorted(nouns), sorted(adjectives - nouns)
+
+
+def load_lexicon(name: str = "debian") -> Lexicon:
+    """The lexicon of that name (see the module's docstring): nouns first, then adjectives."""
+    if name == "paper":
+        nouns, adjectives = _paper_words()
+    elif name == "debian":
+        nouns = _read_words("lexicon_nouns.txt")
+        adjectives = _read_words("lexicon_adjectives.txt")
+    else:
+        raise ValueError(f"unknown lexicon {name!r}: choose {' or '.join(LEXICONS)}")
     flags = np.array([False] * len(nouns) + [True] * len(adjectives), dtype=bool)
     return Lexicon(nouns + adjectives, flags)
 

@@ -45,6 +45,9 @@ class ClassesSettings(BaseModel):
 
 class MethodSettings(BaseModel):
     method: Method = "interneg"
+    lexicon: Literal["debian", "paper"] = Field(
+        "debian", description="candidate words: 'paper' (the released NegLabel/InterNeg word files) or 'debian' (built from wordnet-base)"
+    )
     num_negatives: int = Field(2000, gt=0, description="M, words chosen by inter-modal selection")
     groups: int = Field(5, gt=0, description="G for InterNeg")
     neglabel_groups: int = Field(100, gt=0, description="G for NegLabel's own configuration")

@@ -75,3 +75,34 @@ def test_lexicon_is_reproducible(tmp_path):
         for name in (NOUNS, ADJECTIVES):
             digest = hashlib.sha256((DATA_DIR / name).read_bytes()).hexdigest()
             assert digest == EXPECTED_SHA256[name], name
+
+
+# --- the paper's word files (pipeline/data/paper_lexicon/) ------------------------------------
+def test_the_paper_lexicon_gives_the_released_counts_for_imagenet():
+    """Read as the released InterNeg code reads the files: 58,101 nouns and 11,453 adjectives
+    once the 1,000 ImageNet class names are dropped (exactly, case-sensitively)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from pipeline.lexicon import load_lexicon
+
+    lexicon = load_lexicon("paper")
+    kept, _ = lexicon.without(IMAGENET_CLASSNAMES)
+    assert (int((~kept.is_adjective).sum()), int(kept.is_adjective.sum())) == (58101, 11453)
+    assert len(set(lexicon.words)) == len(lexicon.words)  # a word that is both is a noun only
+    assert '1530"s' in lexicon.words  # quirks kept as released
+
+
+def test_class_names_are_dropped_exactly_and_case_sensitively():
+    import numpy as np
+
+    from pipeline.lexicon import Lexicon
+
+    lexicon = Lexicon(["apple", "Apple", "granny smith", "Granny Smith"], np.array([False, False, False, True]))
+    kept, index = lexicon.without(["Granny Smith", "apple"])
+    assert kept.words == ["Apple", "granny smith"] and index.tolist() == [1, 2]
+
+
+def test_the_wordnet_licence_travels_with_the_paper_lexicon():
+    folder = DATA_DIR / "paper_lexicon"
+    assert "WordNet 3.0 Copyright 2006 by Princeton University" in (folder / "LICENSE-WordNet-3.0.txt").read_text()
+    assert len(list(folder.glob("noun.*.txt"))) == 24 and len(list(folder.glob("adj.*.txt"))) == 3

@@ -60,7 +60,7 @@ class NegativeBank:
     static_vectors: np.ndarray  # (S, D) float32
     static_words: list[str]
     capacity: int = 2000
-    dedup_cos: float = 0.95
+    dedup_cos: float | None = 0.95  # None: no de-duplication (the released code has none)
     entries: dict[int, InvertedNegative] = field(default_factory=dict, init=False)
     version: int = field(default=0, init=False)
 
@@ -181,9 +181,10 @@ class NegativeBank:
             return Decision("not_finite", "not finite")
         if id is not None and id in self.entries:
             return Decision("already_in_bank", "already in the bank", id)
-        sims, ids = self.nearest(vec, 1)
-        if ids.shape[1] and ids[0, 0] >= 0 and sims[0, 0] >= self.dedup_cos:
-            return Decision("duplicate", f"near-duplicate of {self.label(int(ids[0, 0]))} (cos {sims[0, 0]:.3f})")
+        if self.dedup_cos is not None:
+            sims, ids = self.nearest(vec, 1)
+            if ids.shape[1] and ids[0, 0] >= 0 and sims[0, 0] >= self.dedup_cos:
+                return Decision("duplicate", f"near-duplicate of {self.label(int(ids[0, 0]))} (cos {sims[0, 0]:.3f})")
         ranked = self.ranked_ids()
         if len(ranked) >= self.capacity:
             weakest = ranked[-1]
@@ -258,7 +259,7 @@ class NegativeBank:
                 static_vectors=data["static_vectors"],
                 static_words=list(meta["static_words"]),
                 capacity=int(meta["capacity"]),
-                dedup_cos=float(meta["dedup_cos"]),
+                dedup_cos=None if meta["dedup_cos"] is None else float(meta["dedup_cos"]),
             )
             for raw, vec in zip(meta["entries"], data["inverted_vectors"]):
                 raw["nearest_words"] = tuple(raw["nearest_words"])

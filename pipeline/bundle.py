@@ -54,7 +54,7 @@ class Bundle:
     def selection(self) -> str:
         return "intermodal" if self.prototypes is not None else "neglabel (no example images)"
 
-    def bank(self, method: str, capacity: int, dedup_cos: float) -> NegativeBank:
+    def bank(self, method: str, capacity: int, dedup_cos: float | None) -> NegativeBank:
         vectors, words = (
             (self.neglabel_negatives, self.neglabel_words)
             if method == "neglabel"

@@ -86,8 +86,8 @@ def compute_prototypes(loaded, classes: IdClasses, settings: ClassesSettings, im
     """v_k: the normalised mean image embedding of each class's examples (METHOD §1)."""
     if not classes.has_examples:
         raise ClassesError("image prototypes need a class folder with example images")
-    transform = loaded.preprocess_train if settings.prototype_augment else loaded.preprocess
-    torch.manual_seed(settings.seed)  # the training augmentation is random
+    transform = loaded.augment if settings.prototype_augment else loaded.preprocess
+    torch.manual_seed(settings.seed)  # the augmentation is random: seeded, each image passes once
     prototypes = []
     for paths in classes.examples:
         batch = torch.stack(

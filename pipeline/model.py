@@ -16,6 +16,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from pipeline.preprocess import paper_augmentation, test_transform
 from schemas.settings import ModelSettings
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -33,12 +34,13 @@ class LoadedModel:
     """An open_clip model with everything needed to encode, and a stable identity."""
 
     model: torch.nn.Module
-    preprocess: Callable  # evaluation transform (PIL image -> tensor)
-    preprocess_train: Callable  # open_clip's training augmentation
+    preprocess: Callable  # evaluation transform (PIL image -> tensor), see preprocess.test_transform
+    augment: Callable  # the paper's prototype augmentation, see preprocess.paper_augmentation
     tokenizer: Callable
     model_id: str
     device: torch.device
     dtype: torch.dtype
+    crop_fraction: float = 1.0  # of the evaluation transform (ModelSettings.crop_fraction)
 
     @property
     def logit_scale(self) -> float:
@@ -187,7 +189,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             )
     torch.manual_seed(settings.seed)  # random-weight models are then reproducible
     try:
-        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+        model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, precision=precision, weights_only=True
         )
     except ModelLoadError:
@@ -199,10 +201,16 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         param.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(name)
     dtype = next(model.visual.parameters()).dtype
+    cfg = getattr(model.visual, "preprocess_cfg", None)
+    if not cfg and settings.crop_fraction != 1.0:
+        raise ModelLoadError(f"{name} carries no preprocess_cfg: INTERNEG_MODEL__CROP_FRACTION must stay 1")
+    if cfg and settings.crop_fraction != 1.0:
+        preprocess = test_transform(cfg, settings.crop_fraction)
     return LoadedModel(
         model=model,
         preprocess=preprocess,
-        preprocess_train=preprocess_train,
+        augment=paper_augmentation(cfg) if cfg else preprocess,
+        crop_fraction=settings.crop_fraction,
         tokenizer=tokenizer,
         model_id=model_identity(settings),
         device=device,

@@ -1,4 +1,5 @@
-"""Batched image preprocessing, equal to open_clip's evaluation transform.
+"""Batched image preprocessing, equal to the evaluation transform of :func:`test_transform`
+(open_clip's own at crop fraction 1).
 
 open_clip's transform runs resize, crop, to-tensor and normalise per image. Here the
 resize and crop stay per image in PIL (C code, releases the GIL, runs in decode threads)
@@ -20,8 +21,58 @@ class UnsupportedTransform(ValueError):
     """The model's preprocessing is not the resize-shortest/centre-crop kind handled here."""
 
 
+def resize_for(crop: int, crop_fraction: float) -> int:
+    """The shortest side to resize to before the centre crop: the crop itself at fraction 1
+    (open_clip's evaluation transform), 256 for a 224 crop at 0.875 (the paper's test
+    preprocessing, OpenOOD's pre_size 256)."""
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    return int(round(crop / crop_fraction))
+
+
+def _size_of(cfg: dict) -> int:
+    size = cfg.get("size", 224)
+    if not isinstance(size, int):
+        if size[0] != size[1]:
+            raise UnsupportedTransform(f"non-square input size {size}")
+        size = size[0]
+    return int(size)
+
+
+def test_transform(cfg: dict, crop_fraction: float):
+    """PIL image -> normalised tensor: resize the shortest side to resize_for(size,
+    crop_fraction) (bicubic), centre-crop to the model's size, normalise. At fraction 1 it
+    equals open_clip's evaluation transform."""
+    from torchvision import transforms as T
+
+    size = _size_of(cfg)
+    return T.Compose([
+        T.Lambda(lambda image: image.convert("RGB")),
+        T.Resize(resize_for(size, crop_fraction), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(cfg["mean"], cfg["std"]),
+    ])
+
+
+def paper_augmentation(cfg: dict):
+    """The released InterNeg code's prototype augmentation (OpenOOD's base preprocessor): each
+    example image once through RandomResizedCrop(size, scale 0.08-1, bicubic) and a random
+    horizontal flip, then normalised (METHOD §1). Seed torch before use."""
+    from torchvision import transforms as T
+
+    size = _size_of(cfg)
+    return T.Compose([
+        T.Lambda(lambda image: image.convert("RGB")),
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(0.5),
+        T.ToTensor(),
+        T.Normalize(cfg["mean"], cfg["std"]),
+    ])
+
+
 class BatchPreprocessor:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, crop_fraction: float = 1.0):
         size = cfg.get("size", 224)
         self.height, self.width = (size, size) if isinstance(size, int) else tuple(size)
         if cfg.get("resize_mode", "shortest") != "shortest" or self.height != self.width:
@@ -31,17 +82,19 @@ class BatchPreprocessor:
         self.resample = _RESAMPLE[cfg.get("interpolation", "bicubic")]
         self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.resize = resize_for(self.height, crop_fraction)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> "BatchPreprocessor":
+    def for_model(cls, model: torch.nn.Module, crop_fraction: float = 1.0) -> "BatchPreprocessor":
         cfg = getattr(model.visual, "preprocess_cfg", None)
         if not cfg:
             raise UnsupportedTransform("the model carries no preprocess_cfg")
-        return cls(cfg)
+        return cls(cfg, crop_fraction)
 
     @property
     def short_side(self) -> int:
-        return self.height
+        """What the shortest side is resized to before the centre crop."""
+        return self.resize
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """Resize the shortest side (as torchvision's Resize(int) does), centre-crop: (H, W, 3) uint8."""

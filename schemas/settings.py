@@ -9,10 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Method = Literal["mcm", "neglabel", "interneg"]
+Profile = Literal["stream", "paper"]
+
+# The paper profile (METHOD §7b): what the released code does where a live deployment wants
+# otherwise. Each value is a default under the profile; a setting given explicitly wins.
+PAPER_PROFILE: dict[str, dict] = {
+    "method": {"lexicon": "paper"},  # the released word files
+    "classes": {"prototype_augment": True},  # each example once through RandomResizedCrop + flip
+    "model": {"crop_fraction": 224 / 256},  # test images: resize 256, centre-crop 224
+    "bank": {"dedup_cos": None},  # no de-duplication of inverted negatives
+}
 
 
 def _default_cache_dir() -> Path:
@@ -30,6 +40,11 @@ class ModelSettings(BaseModel):
         "auto", description="'auto' is fp16 on a GPU and fp32 on a CPU"
     )
     seed: int = Field(0, description="seed of the random initialisation when there are no weights")
+    crop_fraction: float = Field(
+        1.0, gt=0, le=1,
+        description="test images: resize the shortest side to crop/crop_fraction, centre-crop (1: open_clip's "
+        "resize to the crop; 0.875: the paper's resize 256, crop 224)",
+    )
     image_batch_size: int = Field(64, gt=0)
     text_batch_size: int = Field(1024, gt=0)
 
@@ -38,7 +53,9 @@ class ClassesSettings(BaseModel):
     min_examples: int = Field(2, ge=1, description="fewest example images a class folder may have")
     max_examples: int = Field(16, ge=1, description="example images used per class (the paper uses 16)")
     prototype_augment: bool = Field(
-        False, description="pass examples through open_clip's training augmentation (the paper's choice)"
+        False,
+        description="pass each example once through the paper's augmentation (RandomResizedCrop 0.08-1, bicubic, "
+        "random flip) instead of the evaluation transform",
     )
     seed: int = 0
 
@@ -77,7 +94,11 @@ class InversionSettings(BaseModel):
 
 class BankSettings(BaseModel):
     capacity: int = Field(2000, gt=0, description="K_extra, inverted negatives kept")
-    dedup_cos: float = Field(0.95, gt=0, le=1, description="a candidate this close to a kept negative is a duplicate")
+    dedup_cos: float | None = Field(
+        0.95, gt=0, le=1,
+        description="a candidate this close to a kept negative is a duplicate; unset (None) keeps every one, "
+        "as the released code (the paper profile)",
+    )
 
 
 class ImageSettings(BaseModel):
@@ -147,6 +168,11 @@ class Settings(BaseSettings):
         env_prefix="INTERNEG_", env_nested_delimiter="__", env_file=".env", extra="ignore"
     )
 
+    profile: Profile = Field(
+        "stream",
+        description="'paper': the paper's protocol as the released code runs it (PAPER_PROFILE); 'stream': the "
+        "deployment defaults",
+    )
     model: ModelSettings = ModelSettings()
     classes: ClassesSettings = ClassesSettings()
     method: MethodSettings = MethodSettings()
@@ -157,3 +183,17 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     worker: WorkerSettings = WorkerSettings()
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, data):
+        """Under the paper profile, PAPER_PROFILE's values become the defaults of their sections."""
+        if not isinstance(data, dict) or data.get("profile") != "paper":
+            return data
+        data = dict(data)
+        for section, defaults in PAPER_PROFILE.items():
+            given = data.get(section) or {}
+            if isinstance(given, BaseModel):
+                given = given.model_dump(exclude_unset=True)
+            data[section] = {**defaults, **given}
+        return data

@@ -120,3 +120,13 @@ def test_offer_with_a_stable_id_is_idempotent():
     assert not again.accepted and again.reason == "already in the bank"
     assert len(bank.entries) == 1
     np.testing.assert_allclose(bank.matrix()[-1], v, atol=1e-7)
+
+
+def test_without_de_duplication_exact_copies_are_kept_as_the_released_code_keeps_them(tmp_path):
+    bank = make_bank(dedup=None)
+    v = unit_rows(1, 1)[0]
+    assert bank.offer(v, 0.3, "a").accepted and bank.offer(v, 0.4, "b").accepted
+    assert bank.offer(np.eye(D)[0], 0.2, "c").accepted  # a copy of a static negative too
+    assert len(bank.entries) == 3
+    bank.save(tmp_path / "bank.npz")
+    assert NegativeBank.load(tmp_path / "bank.npz").dedup_cos is None

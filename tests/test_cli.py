@@ -101,6 +101,8 @@ def test_bad_inputs_get_one_error_line(tmp_path, capsys):
     assert status == 2 and "error: " in err and "nan.npz: 1 of 1000 feature rows contain NaN" in err
     status = main(["eval", "--bundle", str(sim / "bundle"), "--id", str(sim / "id.npz"), "--ood", f"x={sim / 'far.npz'}", "--method", "knn"])
     assert status == 2 and "unknown knn" in capsys.readouterr().err
+    status = main(["eval", "--bundle", str(sim / "bundle"), "--id", str(sim / "id.npz"), "--ood", f"x={sim / 'far.npz'}", "--profile", "paper"])
+    assert status == 2 and "prepared with profile stream; prepare it again with --profile paper" in capsys.readouterr().err
     status = main(["score", str(sim / "id.npz"), "--bundle", str(tmp_path)])
     assert status == 2 and "not a detector bundle" in capsys.readouterr().err
 

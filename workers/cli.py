@@ -13,14 +13,18 @@ from schemas.settings import Settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Streaming OOD detection with CLIP and InterNeg.")
 
 METHODS = ("mcm", "neglabel", "interneg")
+PROFILES = ("stream", "paper")
+PROFILE_HELP = "paper: the paper's protocol as the released code runs it (lexicon, augmentation, 256/224 crop, no bank de-duplication); stream: the deployment defaults (default: INTERNEG_PROFILE)"
 
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
 
 
-def _settings(model: str | None = None, pretrained: str | None = None) -> Settings:
-    settings = Settings()
+def _settings(model: str | None = None, pretrained: str | None = None, profile: str | None = None) -> Settings:
+    if profile is not None and profile not in PROFILES:
+        raise CliError(f"--profile {profile}: choose {' or '.join(PROFILES)}")
+    settings = Settings(profile=profile) if profile is not None else Settings()
     if model is not None:
         settings.model.name = model
     if pretrained is not None:
@@ -44,19 +48,20 @@ def prepare(
     out: Annotated[Path, typer.Option(help="bundle directory to write")],
     model: Annotated[Optional[str], typer.Option(help="open_clip model (overrides INTERNEG_MODEL__NAME)")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="weights tag or local file (overrides INTERNEG_MODEL__PRETRAINED)")] = None,
+    profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
 ) -> None:
     """Build a detector bundle: ID embeddings, prototypes, selected negatives, FAISS index."""
     from pipeline.bundle import prepare_bundle, save_bundle
     from pipeline.model import load_model
 
-    settings = _settings(model, pretrained)
+    settings = _settings(model, pretrained, profile)
     loaded = load_model(settings.model)
     bundle = prepare_bundle(loaded, classes, settings)
     save_bundle(bundle, out)
     info = bundle.info
     _say(
         f"bundle {out}: model {bundle.model_id}, {len(bundle.class_names)} classes, "
-        f"{info['lexicon_candidates']} lexicon candidates, {info['interneg_negatives']} InterNeg negatives "
+        f"{info['lexicon_candidates']} candidates of the {info['lexicon']} lexicon (profile {settings.profile}), {info['interneg_negatives']} InterNeg negatives "
         f"({info['interneg_adjectives']} adjectives), {info['neglabel_negatives']} NegLabel negatives"
     )
     if bundle.prototypes is None:
@@ -168,6 +173,7 @@ def eval_command(
     delay: Annotated[int, typer.Option(help="async: batches before a bank update applies")] = 1,
     batch_size: Annotated[int, typer.Option(help="stream batch size")] = 256,
     seed: Annotated[int, typer.Option(help="shuffle seed of the mixed stream")] = 0,
+    profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP + "; the bundle must be prepared with it")] = None,
 ) -> None:
     """Evaluate methods on ID vs OOD sets; print the metrics table and write JSON and plots."""
     from pipeline.bundle import read_manifest, load_bundle
@@ -175,7 +181,7 @@ def eval_command(
     from pipeline.features import load_features
     from pipeline.scorers import scorer_from_bundle
 
-    settings = _settings()
+    settings = _settings(profile=profile)
     methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",")]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -184,6 +190,9 @@ def eval_command(
         raise CliError(f"--protocol {protocol}: choose paper or async")
     proto = Protocol(kind=protocol, batch_size=batch_size, delay=delay, seed=seed)
     manifest = read_manifest(bundle)
+    prepared_with = manifest["settings"].get("profile", "stream")
+    if profile is not None and prepared_with != profile:
+        raise CliError(f"{bundle}: prepared with profile {prepared_with}; prepare it again with --profile {profile}")
     simulated = "modality_gap" in manifest.get("extras", [])
     loaded = None
     if simulated:
@@ -219,7 +228,8 @@ def eval_command(
     scorers = {m: scorer_from_bundle(the_bundle, settings, m, inverter) for m in methods}
     report = evaluate(scorers, id_features, ood_sets, proto, progress=True)
     written = write_report(report, out)
-    typer.echo(f"protocol {protocol}" + (f" (delay {delay} batches)" if protocol == "async" else "") + f", batch {batch_size}, {len(id_features)} ID samples")
+    typer.echo(f"profile {settings.profile}, protocol {protocol}" + (f" (delay {delay} batches)" if protocol == "async" else "")
+               + f", batch {batch_size}, {len(id_features)} ID samples")
     typer.echo(report.table())
     for r in report.results:
         if r.method == "interneg":
@@ -235,11 +245,12 @@ def eval_command(
 def simulate(
     out: Annotated[Path, typer.Option(help="folder for the simulated bundle and feature files")] = Path("runs/simulated"),
     seed: Annotated[int, typer.Option(help="simulation seed")] = 0,
+    profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
 ) -> None:
     """Write a simulated CLIP world: a bundle and ID/OOD feature files for 'interneg eval'."""
     from pipeline.simulate import SimulationParams, write_simulation
 
-    paths = write_simulation(SimulationParams(seed=seed), out, _settings())
+    paths = write_simulation(SimulationParams(seed=seed), out, _settings(profile=profile))
     for path in paths:
         _say(f"wrote {path}")
 

@@ -110,7 +110,7 @@ class ScoringWorker(BundleWorker):
         self.wants_candidates = isinstance(self.scorer, InterNegScorer) and self.bundle.prototypes is not None
         self.pool = ThreadPoolExecutor(settings.worker.decode_threads, thread_name_prefix="decode")
         try:
-            self.preprocessor = BatchPreprocessor.for_model(self.loaded.model)
+            self.preprocessor = BatchPreprocessor.for_model(self.loaded.model, self.loaded.crop_fraction)
         except UnsupportedTransform:
             self.preprocessor = None  # the model's own per-image transform
         self.gpu_decode = settings.worker.gpu_decode and self.loaded.device.type == "cuda" and self.preprocessor is not None

@@ -308,6 +308,7 @@ class LivenessWatch:
         self.last_progress = clock()
         self.stall: Stall | None = None  # the current stall, until progress clears it
         self.renewals = 0  # consumer renewals since the last progress
+        self.last_renewal = float("-inf")
 
     def progressed(self) -> Stall | None:
         """Record progress; return the stall it ends, if any."""
@@ -315,14 +316,20 @@ class LivenessWatch:
         self.last_progress, self.renewals = self.clock(), 0
         return ended
 
+    def renewed(self) -> None:
+        """The consumer was just renewed: it gets the whole bound from now."""
+        self.renewals += 1
+        self.last_renewal = self.clock()
+
     def look(self, waiting: dict[TopicPartition, int]) -> Stall | None:
         """The stall, if the member is stalled now with ``waiting`` records, else None."""
         waiting = {tp: n for tp, n in waiting.items() if n > 0}
         if not waiting:
             self.progressed()
             return None
-        idle = self.clock() - self.last_progress
-        if idle <= self.bound_s * (self.renewals + 1):  # a renewed consumer gets the bound afresh
+        now = self.clock()
+        idle = now - self.last_progress
+        if now - max(self.last_progress, self.last_renewal) <= self.bound_s:  # a renewed consumer gets the bound afresh
             return None
         self.stall = Stall(waiting, idle)
         return self.stall
@@ -531,7 +538,7 @@ class BatchLoop:
         self.on_stall(stall)
         if self.liveness.renewals >= MAX_RENEWALS:
             raise ConsumerStalledError(f"consumer stalled after {MAX_RENEWALS} renewals: {stall.describe()}")
-        self.liveness.renewals += 1
+        self.liveness.renewed()
         if self.log is not None:
             self.log.warning(f"consumer stalled: {stall.describe()}; renewing it",
                              renewal=self.liveness.renewals, bound_s=self.liveness.bound_s)

@@ -5,7 +5,7 @@ import io
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.preprocess import draft_for
 
@@ -21,11 +21,19 @@ class ImageRejected(ValueError):
         self.detail = detail
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image, checking size before the pixels are decoded.
+MAX_ASPECT_RATIO = 20.0
 
-    With ``draft_short_side``, a JPEG is decoded at the smallest DCT scale that keeps its
-    shortest side at least that long (see :mod:`pipeline.preprocess`).
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_side: int | None = None,
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Bytes -> RGB PIL image, upright by its EXIF orientation, checking sizes before the
+    pixels are decoded.
+
+    The aspect ratio is bounded too: the preprocessing resizes the shortest side to ~224, so
+    a 1 x 60,000 image (a few hundred bytes of PNG, within the pixel limit) would become
+    224 x 13 million pixels before the crop. With ``draft_short_side``, a JPEG is decoded at
+    the smallest DCT scale that keeps its shortest side at least that long (see
+    :mod:`pipeline.preprocess`).
     """
     if len(data) == 0:
         raise ImageRejected("empty", "zero bytes")
@@ -38,9 +46,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_si
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected("too-many-pixels", f"{width}x{height} > limit {max_pixels} pixels")
+            if max(width, height) > max_aspect_ratio * max(1, min(width, height)):
+                raise ImageRejected("extreme-aspect-ratio", f"{width}x{height}: sides differ by more than {max_aspect_ratio:g}x")
             if draft_short_side is not None:
                 draft_for(image, draft_short_side)
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except ImageRejected:
         raise
     except UnidentifiedImageError as exc:

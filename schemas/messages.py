@@ -28,6 +28,7 @@ H_DL_TOPIC = "x-dl-source-topic"
 H_DL_PARTITION = "x-dl-source-partition"
 H_DL_OFFSET = "x-dl-source-offset"
 H_DL_WORKER = "x-dl-worker"
+H_DL_TRUNCATED = "x-dl-truncated"  # what of the original did not fit: "value 16777000 -> 16760000 bytes; headers dropped"
 
 
 class Message(BaseModel):
@@ -139,9 +140,9 @@ class Candidate(Message):
 class NegativeRecord(Message):
     """Topic ``ood.negatives`` (compacted), keyed by negative id; a null value is a tombstone."""
 
-    id: int
+    id: int = Field(ge=0, lt=2**63)  # FAISS ids are int64
     vector: Vector
-    deviation: float
-    origin: str  # the frame id it was inverted from
-    created: float  # unix seconds
-    nearest_words: list[str] = []
+    deviation: float = Field(allow_inf_nan=False)
+    origin: str = Field(max_length=256)  # the frame id it was inverted from
+    created: float = Field(allow_inf_nan=False)  # unix seconds
+    nearest_words: list[str] = Field(default=[], max_length=16)

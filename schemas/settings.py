@@ -104,6 +104,9 @@ class BankSettings(BaseModel):
 class ImageSettings(BaseModel):
     max_bytes: int = Field(16 * 1024 * 1024, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)
+    max_aspect_ratio: float = Field(
+        20.0, ge=1, description="longest side over shortest: beyond, the resize to the model's input would explode"
+    )
 
 
 class TopicSettings(BaseModel):

@@ -26,7 +26,7 @@ from bench.stream_bench import CommitWatcher
 from conftest import BROKER, fresh_deployment
 from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
-from schemas.messages import H_CONTENT_TYPE, H_DL_REASON, H_FRAME_ID, H_TS, Candidate, FrameScore, NegativeRecord, Vector
+from schemas.messages import H_CONTENT_TYPE, H_DL_REASON, H_DL_TRUNCATED, H_FRAME_ID, H_TS, Candidate, FrameScore, NegativeRecord, Vector
 from test_streaming import crafted_candidates, frame_record, jpeg, read_topic, scores_by_frame
 from workers.delivery import BatchLoop, Output, abort_transaction
 from workers.kafka_clients import make_consumer, make_producer
@@ -450,15 +450,24 @@ def test_an_inversion_backlog_sheds_candidates_older_than_the_age_limit(stream_s
 
 
 # --- hostile input --------------------------------------------------------------------------
-def png_bomb(side: int = 20_000) -> bytes:
-    """A real PNG of side x side black pixels: a few hundred KB that would decode to side² bytes."""
+class NotUtf8(str):
+    """A header key that kafka-python writes as bytes that are not UTF-8 (the broker accepts them)."""
+
+    def encode(self, *args, **kwargs):
+        return b"\xff\xfe" + str(self).encode()
+
+
+def png_bomb(side: int = 20_000, height: int | None = None) -> bytes:
+    """A real PNG of side x height (default side) black pixels: a few hundred KB that would
+    decode to side x height bytes."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
+    height = side if height is None else height
     packer = zlib.compressobj(9)
     row = bytes(side + 1)  # filter byte + one grey byte per pixel
-    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = side.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
@@ -516,6 +525,13 @@ def test_a_hostile_corpus_is_dead_lettered_with_reasons_and_no_worker_dies(strea
         (("bad-header",), b"cam", good, [(H_FRAME_ID, b"x" * 300)]),
         (("bad-header",), b"cam", good, [(H_FRAME_ID, b"badts"), (H_TS, b"yesterday")]),
         (("unsupported-content-type",), b"cam", good, [(H_FRAME_ID, b"ctype"), (H_CONTENT_TYPE, b"text/html")]),
+        # issue 11's poison pills: each stopped the worker, at every restart
+        (("bad-header",), b"cam", good, [(H_FRAME_ID, b"ts-superscript"), (H_TS, "\u00b2\u0663".encode())]),  # isdigit(), not int()
+        (("bad-header",), b"cam", good, [(H_FRAME_ID, b"ts-huge"), (H_TS, b"9" * 30)]),
+        (("bad-key",), b"k" * 3_000_000, good, [(H_FRAME_ID, b"key-3mb")]),
+        (("extreme-aspect-ratio",), b"cam", png_bomb(60_000, 1), [(H_FRAME_ID, b"strip-60000x1")]),  # 224 x 13M pixels once resized
+        # its copy would not fit; the copy keeps the key (which names the case here) but not the headers
+        (("too-large",), b"near-limit", b"\0" * (s.kafka.max_message_bytes - 200), [(H_FRAME_ID, b"near-limit")]),
     ]
     assert len(bomb) < s.images.max_bytes < len(big.getvalue())
     records = []
@@ -532,9 +548,23 @@ def test_a_hostile_corpus_is_dead_lettered_with_reasons_and_no_worker_dies(strea
     scorer, inverter = workers("score-worker", s, "scorer-h"), workers("invert-worker", s, "inverter-h")
     scorer.wait_ready()
     inverter.wait_ready()
-    produce_records(s, records)
+    produce_records(s, records[: len(records) // 2])
+    # a record the Kafka client cannot decode (a header key that is not UTF-8: the broker takes
+    # it), from its own writer, between the good frames; and negatives a hostile writer forged:
+    # an id that does not fit in int64 (every worker follows the negatives topic), and a record
+    # the client cannot decode
+    hostile = make_producer(s.kafka)
+    hostile.send(s.topics.frames, key=b"cam", value=good, headers=[(NotUtf8("x-key"), b"1"), (H_FRAME_ID, b"undecodable")]).get(30)
+    forged = json.loads(forged_negative(tiny_bundle_dir).to_bytes())
+    forged["id"] = 10**20
+    hostile.send(s.topics.negatives, key=str(10**20).encode(), value=json.dumps(forged).encode()).get(30)
+    hostile.send(s.topics.negatives, key=b"7", value=b"{}", headers=[(NotUtf8("x"), b"")]).get(30)
+    hostile.close()
+    produce_records(s, records[len(records) // 2 :])
     produce_records(s, candidates, topic=s.topics.candidates)
-    wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= len(records), 120, "every frame committed")
+    wait_for(lambda: committed(s, s.kafka.scoring_group, s.topics.frames) >= len(records) + 1, 120, "every frame committed")
+    skipped = wait_for(lambda: "record skipped: the Kafka client cannot decode it" in scorer.log_path.read_text(errors="replace"), 30,
+                       "the undecodable record skipped")
     all_candidates = len(read_topic(s, s.topics.candidates, idle_s=1))  # ours, and the scoring worker's
     wait_for(lambda: committed(s, s.kafka.inversion_group, s.topics.candidates) >= all_candidates, 120, "every candidate committed")
 
@@ -558,8 +588,13 @@ def test_a_hostile_corpus_is_dead_lettered_with_reasons_and_no_worker_dies(strea
             continue
         got = by_case[name]
         assert got[0] in reasons, (name, got[0])
-        assert got[1] == value and got[2]["x-dl-worker"] == b"scorer-h", name  # the original bytes, and who refused them
+        assert got[2]["x-dl-worker"] == b"scorer-h", name  # who refused it
+        if name == "near-limit":  # the copy says what did not fit and carries what does
+            assert got[2][H_DL_TRUNCATED].startswith(b"1 headers dropped; value ") and value.startswith(got[1]) and len(got[1]) > 16_000_000
+            continue
+        assert got[1] == value, name  # the original bytes
     assert {f"f{i}" for i in range(len(frames) + 1)} <= set(scores)  # the valid frames around them were scored
+    assert skipped and "undecodable" not in scores and "undecodable" not in by_case  # skipped, counted, logged
     # candidates: each wrong vector dead-lettered with its reason, the valid ones between them inverted
     assert len(dead_candidates) == len(bad)
     reasons = {dict(r.headers)[H_DL_REASON].decode() for r in dead_candidates}

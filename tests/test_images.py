@@ -44,3 +44,24 @@ def test_file_errors_name_the_file(tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(ImageRejected, match="bad.jpg: unrecognised"):
         load_image_file(bad, **LIMITS)
+
+
+def test_an_extreme_aspect_ratio_is_refused_before_the_resize_could_explode_it():
+    strip = encoded(size=(2100, 100), fmt="PNG")  # 21:1, 210,000 pixels: within the pixel limit
+    with pytest.raises(ImageRejected) as info:
+        decode_image(strip, **LIMITS)
+    assert info.value.reason == "extreme-aspect-ratio" and "2100x100" in info.value.detail
+    assert decode_image(encoded(size=(1900, 100), fmt="PNG"), **LIMITS).size == (1900, 100)  # 19:1 passes
+    assert decode_image(strip, **LIMITS, max_aspect_ratio=25).size == (2100, 100)
+
+
+def test_exif_orientation_turns_the_image_upright():
+    image = Image.new("RGB", (64, 48), (10, 120, 200))
+    image.putpixel((0, 0), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    upright = decode_image(buffer.getvalue(), **LIMITS)
+    assert upright.size == (48, 64)  # turned as a viewer shows it
+    assert upright.getpixel((47, 0)) == (255, 0, 0)  # the top-left pixel now at the top right

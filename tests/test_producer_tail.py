@@ -359,3 +359,16 @@ def test_tail_from_end_shows_only_new_alerts(settings):
 def test_tail_of_missing_topic_raises(settings):
     with pytest.raises(TailError, match="does not exist"):
         tail(settings, topic=f"no-such-{uuid.uuid4().hex[:6]}", from_beginning=True, max_records=1, timeout_s=1.0)
+
+
+def test_an_alert_line_cannot_forge_terminal_output_and_survives_any_ts():
+    from workers.tail import format_alert
+
+    alert = OODAlert(
+        frame_id="f\x1b[2J1", camera_id="cam\nFAKE LINE", ts_ms=10**30, source=SourceRef(topic="t", partition=0, offset=1),
+        method="interneg", score=0.1, threshold=0.5, verdict="ood", id_class="cat\r", id_prob=0.9, bank_version=0, bank_size=0,
+        model_id="m", worker="w", scored_at_ms=0,
+    )
+    line = format_alert(alert)
+    assert line.isprintable() and "\n" not in line and "\x1b" not in line
+    assert "camera=cam\\nFAKE LINE" in line and "frame=f\\x1b[2J1" in line and line.startswith(f"ts={10**30}ms")

@@ -89,6 +89,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (
     CommitFailedError,
+    CorruptRecordError,
     IllegalGenerationError,
     KafkaError,
     KafkaTimeoutError,
@@ -98,7 +99,7 @@ from kafka.errors import (
 )
 from kafka.structs import MemberState, OffsetAndMetadata
 
-from schemas.messages import H_DL_DETAIL, H_DL_OFFSET, H_DL_PARTITION, H_DL_REASON, H_DL_TOPIC, H_DL_WORKER
+from schemas.messages import H_DL_DETAIL, H_DL_OFFSET, H_DL_PARTITION, H_DL_REASON, H_DL_TOPIC, H_DL_TRUNCATED, H_DL_WORKER
 
 Headers = list[tuple[str, bytes]]
 
@@ -136,8 +137,22 @@ class Output:
     headers: Headers = field(default_factory=list)
 
 
-def dead_letter(topic: str, record: ConsumerRecord, reason: str, detail: str, worker: str) -> Output:
-    """The original key, value and headers, plus why and where from."""
+# Room kept below the record size limit for the record batch's and each field's framing.
+RECORD_OVERHEAD_BYTES = 4096
+
+
+def _headers_size(headers: Headers) -> int:
+    return sum(len(k.encode("utf-8", "surrogateescape")) + len(v or b"") + 10 for k, v in headers)
+
+
+def dead_letter(topic: str, record: ConsumerRecord, reason: str, detail: str, worker: str,
+                max_bytes: int | None = None) -> Output:
+    """The original key, value and headers, plus why and where from.
+
+    With ``max_bytes`` (the record size limit), a copy that would not fit (a frame just under
+    the limit: the reason headers push it over, and the send would fail) drops the original
+    headers, then cuts the key and the value to what fits, and says so in ``x-dl-truncated``.
+    """
     extra = [
         (H_DL_REASON, reason.encode()),
         (H_DL_DETAIL, detail[:1000].encode("utf-8", "replace")),
@@ -146,7 +161,25 @@ def dead_letter(topic: str, record: ConsumerRecord, reason: str, detail: str, wo
         (H_DL_OFFSET, str(record.offset).encode()),
         (H_DL_WORKER, worker.encode()),
     ]
-    return Output(topic, record.key, record.value, list(record.headers or []) + extra)
+    key, value, headers = record.key, record.value, list(record.headers or [])
+    if max_bytes is None:
+        return Output(topic, key, value, headers + extra)
+    budget = max_bytes - RECORD_OVERHEAD_BYTES - _headers_size(extra) - 200  # 200: the truncation header
+    size = lambda: len(key or b"") + len(value or b"") + _headers_size(headers)  # noqa: E731
+    if size() <= budget:
+        return Output(topic, key, value, headers + extra)
+    cut = []
+    if headers:
+        cut.append(f"{len(headers)} headers dropped")
+        headers = []
+    if key is not None and len(key) > budget // 2:
+        cut.append(f"key {len(key)} -> {budget // 2} bytes")
+        key = key[: budget // 2]
+    if value is not None and size() > budget:
+        keep = max(0, budget - len(key or b""))
+        cut.append(f"value {len(value)} -> {keep} bytes")
+        value = value[:keep]
+    return Output(topic, key, value, extra + [(H_DL_TRUNCATED, "; ".join(cut).encode())])
 
 
 def header(record: ConsumerRecord, name: str) -> bytes | None:
@@ -199,7 +232,44 @@ def abort_transaction(producer: KafkaProducer) -> None:
         pending.clear()
 
 
-def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int) -> list[ConsumerRecord]:
+@dataclass(frozen=True)
+class Unreadable:
+    """A record the Kafka client could not decode, skipped."""
+
+    partition: TopicPartition
+    offset: int
+    error: str
+
+
+def poll_readable(consumer: KafkaConsumer, timeout_ms: int, max_records: int | None = None,
+                  on_unreadable: Callable[[Unreadable], None] | None = None) -> dict:
+    """``consumer.poll``, skipping records the client cannot decode.
+
+    kafka-python raises CorruptRecordError for a record it cannot read (a header key that is
+    not UTF-8, which the broker accepts; a bad CRC), and raises again at every poll: without
+    this, one such record stops its partition for good, and the worker that owns it exits.
+    The record cannot be read, so it cannot be dead-lettered: it is skipped (the partition's
+    position moves one past it) and reported to ``on_unreadable``. The client decodes a record
+    batch from its start, so the records after a bad one in the same producer batch (records of
+    the same writer) are unreadable too and are skipped one by one in the following polls.
+    """
+    try:
+        return consumer.poll(timeout_ms=timeout_ms, **({} if max_records is None else {"max_records": max_records}))
+    except CorruptRecordError as exc:
+        # the client keeps the partition it was draining; without it the record cannot be located
+        records = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(records, "topic_partition", None)
+        if tp is None or tp not in consumer.assignment():
+            raise
+        offset = consumer.position(tp)
+        consumer.seek(tp, offset + 1)
+        if on_unreadable is not None:
+            on_unreadable(Unreadable(tp, offset, str(exc)[:300]))
+        return {}
+
+
+def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int,
+               on_unreadable: Callable[[Unreadable], None] | None = None) -> list[ConsumerRecord]:
     """Up to ``size`` records, returning early when ``timeout_ms`` has passed since the first poll.
 
     It polls at least once, so ``timeout_ms=0`` takes what has already arrived.
@@ -208,7 +278,7 @@ def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int) -> list[Cons
     batch: list[ConsumerRecord] = []
     while True:
         remaining = max(0, int((deadline - time.monotonic()) * 1000))
-        polled = consumer.poll(timeout_ms=remaining, max_records=size - len(batch))
+        polled = poll_readable(consumer, remaining, size - len(batch), on_unreadable)
         for records in polled.values():
             batch.extend(records)
         if len(batch) >= size or remaining == 0:
@@ -377,6 +447,7 @@ class BatchLoop:
         renew_consumer: Callable[[], KafkaConsumer] | None = None,
         on_stall: Callable[[Stall | None], None] = lambda stall: None,
         on_lag: Callable[[dict[TopicPartition, int], set[TopicPartition]], None] | None = None,
+        on_unreadable: Callable[[Unreadable], None] = lambda unreadable: None,
     ):
         self.consumer = consumer
         self.producer = producer
@@ -401,6 +472,7 @@ class BatchLoop:
         self.on_stall = on_stall
         # on_lag(uncommitted per partition, partitions this member owns) after each measurement
         self.on_lag = on_lag
+        self.on_unreadable = on_unreadable  # told of each record skipped because the client cannot decode it
         self.measure_every_s = min(MEASURE_EVERY_S, stall_after_s / 4) if stall_after_s else MEASURE_EVERY_S
         self._measured_at = float("-inf")
         self._reseeks = 0  # how often positions were reset to the committed offsets: a batch polled before is stale
@@ -418,7 +490,7 @@ class BatchLoop:
         if group.group_id is not None and group.state != MemberState.STABLE:
             timeout_ms = max(timeout_ms, REJOIN_POLL_MS)
         start = time.perf_counter()
-        batch = poll_batch(self.consumer, self.batch_size, timeout_ms)
+        batch = poll_batch(self.consumer, self.batch_size, timeout_ms, self._unreadable)
         group = self.consumer.group_metadata()
         if batch and group.group_id is not None and group.state != MemberState.STABLE:
             self._half_joined_since = self._half_joined_since or time.monotonic()
@@ -448,6 +520,12 @@ class BatchLoop:
             self._refused = False
             batch = []
         return batch, time.perf_counter() - start, group
+
+    def _unreadable(self, unreadable: Unreadable) -> None:
+        if self.log is not None:
+            self.log.warning("record skipped: the Kafka client cannot decode it", topic=unreadable.partition.topic,
+                             partition=unreadable.partition.partition, offset=unreadable.offset, error=unreadable.error)
+        self.on_unreadable(unreadable)
 
     def _rejoin_afresh(self, group: Any) -> None:
         """Leave the group and subscribe again: the way out of kafka-python's half-joined state.

@@ -19,7 +19,7 @@ from pipeline.bank import FIRST_INVERTED_ID, InvertedNegative, NegativeBank
 from pipeline.selection import deviation
 from schemas.messages import NegativeRecord, Vector
 from schemas.settings import KafkaSettings
-from workers.delivery import Output
+from workers.delivery import Output, poll_readable
 from workers.kafka_clients import make_consumer
 
 
@@ -105,7 +105,9 @@ class NegativeFollower:
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         try:
-            negative = int(key.decode())
+            if key is None or not (key.isascii() and key.isdigit()) or len(key) > 19 or int(key) >= 2**63:
+                raise ValueError("the key must be a negative id: 0 to 2^63-1 in ASCII digits")
+            negative = int(key)
             if value is not None and negative in self.seen_ids and negative not in self.bank.entries:
                 # an id once removed stays removed (ids are never reused): the inversion worker
                 # reading back its own negative after it already evicted it must not revive it
@@ -126,7 +128,7 @@ class NegativeFollower:
                 self.bank.put(entry, vector)
             self.applied += 1
             self.last_applied_at = time.time()
-        except (ValueError, AttributeError) as exc:  # a malformed or foreign record never reaches the bank
+        except ValueError as exc:  # a malformed or foreign record never reaches the bank (ValidationError is one)
             self.rejected += 1
             self.on_rejected()
             if self.log is not None:
@@ -135,11 +137,17 @@ class NegativeFollower:
     def poll(self, timeout_ms: int = 0) -> int:
         """Apply whatever has arrived; returns the number of records applied or rejected."""
         count = 0
-        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+        for records in poll_readable(self.consumer, timeout_ms, on_unreadable=self._unreadable).values():
             for r in records:
                 self.apply(r.key, r.value)
                 count += 1
         return count
+
+    def _unreadable(self, unreadable) -> None:
+        self.rejected += 1
+        self.on_rejected()
+        if self.log is not None:
+            self.log.warning("negative record skipped: the Kafka client cannot decode it", offset=unreadable.offset, error=unreadable.error)
 
     def lag(self) -> int:
         ends = self.consumer.end_offsets(self.partitions)

@@ -127,6 +127,9 @@ class WorkerMetrics:
         self.bank_size = Gauge("interneg_bank_size", "negatives in the bank in use", registry=r)
         self.bank_version = Gauge("interneg_bank_version", "version of the bank in use", registry=r)
         self.deadletters = Counter("interneg_deadletters", "records sent to the dead-letter topic", ["reason"], registry=r)
+        self.unreadable = Counter(
+            "interneg_records_unreadable", "records skipped because the Kafka client cannot decode them", ["topic"], registry=r
+        )
         self.negatives_published = Counter(
             "interneg_negatives_published", "records written to the negatives topic", ["kind"], registry=r
         )

@@ -37,6 +37,8 @@ from workers.delivery import Output, header
 from workers.worker import BundleWorker
 
 MAX_ID_LENGTH = 256
+MAX_KEY_BYTES = 1024
+MAX_TS_MS = 2**63 - 1  # what a Kafka timestamp (int64) can hold
 
 
 class FrameRejected(ValueError):
@@ -79,17 +81,33 @@ def _text_header(record: ConsumerRecord, name: str, required: bool) -> str | Non
     return text
 
 
+def _camera_from_key(key: bytes | None) -> str:
+    """The camera id when there is no camera-id header: the key, if it is a valid id."""
+    if not key:
+        return "unknown"
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameRejected("bad-key", "the key (the camera id, with no camera-id header) is not UTF-8") from None
+    if len(text) > MAX_ID_LENGTH or not text.isprintable():
+        raise FrameRejected("bad-key", f"the key (the camera id, with no camera-id header) must be 1-{MAX_ID_LENGTH} printable characters")
+    return text
+
+
 def parse_frame(record: ConsumerRecord) -> Frame:
     """The frame's identity from its headers (METHOD-independent contract of ARCHITECTURE.md)."""
     frame_id = _text_header(record, H_FRAME_ID, required=True)
+    if record.key is not None and len(record.key) > MAX_KEY_BYTES:
+        raise FrameRejected("bad-key", f"key of {len(record.key)} bytes > {MAX_KEY_BYTES}")
     camera_id = _text_header(record, H_CAMERA_ID, required=False)
     if camera_id is None:
-        camera_id = record.key.decode("utf-8", "replace") if record.key else "unknown"
+        camera_id = _camera_from_key(record.key)
     ts_text = _text_header(record, H_TS, required=False)
     ts_ms = None
     if ts_text is not None:
-        if not ts_text.isdigit():
-            raise FrameRejected("bad-header", f"'{H_TS}' must be milliseconds since the epoch, got {ts_text[:40]!r}")
+        # ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses
+        if not (ts_text.isascii() and ts_text.isdigit()) or int(ts_text) > MAX_TS_MS:
+            raise FrameRejected("bad-header", f"'{H_TS}' must be milliseconds since the epoch (0-{MAX_TS_MS}), got {ts_text[:40]!r}")
         ts_ms = int(ts_text)
     content_type = _text_header(record, H_CONTENT_TYPE, required=False)
     if content_type is not None and content_type not in CONTENT_TYPES:
@@ -131,7 +149,8 @@ class ScoringWorker(BundleWorker):
         """Frame bytes -> uint8 array for the batched transform (or the model's own transform)."""
         images = self.settings.images
         short = self.preprocessor.short_side if self.preprocessor is not None else None
-        image = decode_image(frame.record.value, max_bytes=images.max_bytes, max_pixels=images.max_pixels, draft_short_side=short)
+        image = decode_image(frame.record.value, max_bytes=images.max_bytes, max_pixels=images.max_pixels, draft_short_side=short,
+                             max_aspect_ratio=images.max_aspect_ratio)
         return self.preprocessor.to_uint8(image) if self.preprocessor is not None else self.loaded.preprocess(image)
 
     def _decode_safely(self, frame: Frame):
@@ -179,10 +198,13 @@ class ScoringWorker(BundleWorker):
             if not data.startswith(b"\xff\xd8") or len(data) > images.max_bytes:
                 return False
             try:
-                width, height = Image.open(io.BytesIO(data)).size  # the header only
+                header = Image.open(io.BytesIO(data))  # the header only
+                (width, height), orientation = header.size, header.getexif().get(0x0112, 1)
             except Exception:  # noqa: BLE001 - the CPU path names the problem
                 return False
-            if width * height > images.max_pixels:
+            if width * height > images.max_pixels or max(width, height) > images.max_aspect_ratio * max(1, min(width, height)):
+                return False
+            if orientation != 1:  # rotated by its EXIF orientation: the CPU path turns it upright
                 return False
         try:
             prepared.batch = decode_jpegs_on_device([f.record.value for f in frames], self.preprocessor, self.loaded.device)

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from schemas.messages import FrameScore
 from schemas.settings import Settings
+from workers.delivery import poll_readable
 from workers.kafka_clients import make_consumer
 
 POLL_MS = 500
@@ -27,7 +28,16 @@ class TailError(RuntimeError):
 
 
 def _when(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    except (OverflowError, OSError, ValueError):  # a record's ts far outside the calendar
+        return f"ts={ms}ms"
+
+
+def _shown(text: str) -> str:
+    """Text from a record, with anything unprintable escaped: a record must not be able to
+    move the cursor, clear the screen or forge lines on an operator's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def format_alert(alert: FrameScore) -> str:
@@ -35,12 +45,12 @@ def format_alert(alert: FrameScore) -> str:
 
     The time is the frame's ``ts`` (when the camera took it) when known, else when it was scored.
     """
-    negatives = ", ".join(f"{n.label} ({n.cos:.2f})" for n in alert.negatives) or "-"
+    negatives = ", ".join(f"{_shown(n.label)} ({n.cos:.2f})" for n in alert.negatives) or "-"
     return (
         f"{_when(alert.ts_ms if alert.ts_ms is not None else alert.scored_at_ms)}  "
-        f"camera={alert.camera_id}  frame={alert.frame_id}  {alert.verdict.upper()}  "
+        f"camera={_shown(alert.camera_id)}  frame={_shown(alert.frame_id)}  {alert.verdict.upper()}  "
         f"score={alert.score:.4f} (threshold {alert.threshold:.4f})  "
-        f"top={alert.id_class} ({alert.id_prob:.2f})  negatives: {negatives}"
+        f"top={_shown(alert.id_class)} ({alert.id_prob:.2f})  negatives: {negatives}"
     )
 
 
@@ -99,7 +109,9 @@ def tail(
                 if left <= 0:
                     break
                 wait_ms = max(1, min(POLL_MS, int(left * 1000)))
-            batches = consumer.poll(timeout_ms=wait_ms)
+            batches = poll_readable(consumer, wait_ms, on_unreadable=lambda u: print(
+                f"warning: {u.partition.topic}[{u.partition.partition}]@{u.offset}: the Kafka client cannot decode this record, skipped",
+                file=err, flush=True))
             if not batches:
                 continue
             last_record = time.monotonic()

@@ -87,7 +87,7 @@ class BundleWorker(ABC):
     def reject(self, record: ConsumerRecord, reason: str, detail: str) -> Output:
         self.metrics.deadletters.labels(reason=reason).inc()
         self.log.info("dead-lettered", reason=reason, detail=detail[:200], topic=record.topic, partition=record.partition, offset=record.offset)
-        return dead_letter(self.settings.topics.deadletter, record, reason, detail, self.name)
+        return dead_letter(self.settings.topics.deadletter, record, reason, detail, self.name, self.settings.kafka.max_message_bytes)
 
     def _bank_metrics(self) -> None:
         self.metrics.bank_size.set(len(self.bank.entries))
@@ -173,6 +173,7 @@ class BundleWorker(ABC):
                 renew_consumer=new_consumer,
                 on_stall=self.on_stall,
                 on_lag=self.on_lag,
+                on_unreadable=lambda unreadable: self.metrics.unreadable.labels(topic=unreadable.partition.topic).inc(),
             )
             self.ops.set_ready(True)
             loop.run()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import functools
 import json
+import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,16 @@ from pipeline.arrays import normalize_rows
 
 FIRST_INVERTED_ID = 1 << 32  # static negatives use ids 0..S-1
 FORMAT_VERSION = 1
+
+
+def _locked(method):
+    """Run ``method`` under the bank's lock: a worker's HTTP thread reads the bank (/status)
+    while its main thread changes it (seen: /status answering 500 mid-update)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class NegativeBank:
     version: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
+        self._lock = threading.RLock()
         self.static_vectors = np.ascontiguousarray(self.static_vectors, dtype=np.float32)
         if self.static_vectors.ndim != 2:
             raise ValueError(f"static negatives must be 2-D, got shape {self.static_vectors.shape}")
@@ -85,10 +98,12 @@ class NegativeBank:
     def __len__(self) -> int:
         return len(self.static_vectors) + len(self.entries)
 
+    @_locked
     def ranked_ids(self) -> list[int]:
         """Inverted negatives, highest deviation first, ties by id."""
         return sorted(self.entries, key=lambda i: (-self.entries[i].deviation, i))
 
+    @_locked
     def matrix(self) -> np.ndarray:
         """All negatives for scoring: static in order, then inverted by rank."""
         if self._matrix is None:
@@ -97,6 +112,7 @@ class NegativeBank:
             self._matrix = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
         return self._matrix
 
+    @_locked
     def vector(self, negative_id: int) -> np.ndarray:
         """The stored vector of an inverted negative, exactly as scored and published."""
         return self._vectors[negative_id]
@@ -106,6 +122,7 @@ class NegativeBank:
             return self.static_words[negative_id]
         return self.entries[negative_id].label
 
+    @_locked
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search over all negatives: (cosines (B, k), ids (B, k), -1 where fewer)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -115,6 +132,7 @@ class NegativeBank:
             return empty.astype(np.float32), empty.astype(np.int64)
         return self._index.search(queries, k)
 
+    @_locked
     def explain(self, image_emb: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """The k negatives that weighed most for each image: the largest λ·cos, hence e^{z_j}."""
         sims, ids = self.nearest(image_emb, k)
@@ -129,6 +147,7 @@ class NegativeBank:
         _, idx = self._static_index.search(vector.reshape(1, -1).astype(np.float32), min(k, len(self.static_words)))
         return tuple(self.static_words[i] for i in idx[0] if i >= 0)
 
+    @_locked
     def digest(self) -> str:
         """Hash of the scoring matrix and the ranked ids: equal digests, equal banks."""
         h = hashlib.sha256()
@@ -137,6 +156,7 @@ class NegativeBank:
         return h.hexdigest()
 
     # --- changing ------------------------------------------------------------------
+    @_locked
     def put(self, entry: InvertedNegative, vector: np.ndarray) -> None:
         """Insert or replace one inverted negative byte for byte (what a replica applies)."""
         vec = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
@@ -154,6 +174,7 @@ class NegativeBank:
         self._next_id = max(self._next_id, entry.id + 1)
         self._changed()
 
+    @_locked
     def remove(self, negative_id: int) -> bool:
         """Drop one inverted negative (a tombstone); False if it was not there."""
         if negative_id not in self.entries:
@@ -164,10 +185,12 @@ class NegativeBank:
         self._changed()
         return True
 
+    @_locked
     def reset(self) -> None:
         for negative_id in list(self.entries):
             self.remove(negative_id)
 
+    @_locked
     def offer(
         self, vector: np.ndarray, deviation: float, origin: str, *, created: float | None = None, id: int | None = None
     ) -> Decision:
@@ -209,6 +232,7 @@ class NegativeBank:
         self.version += 1
 
     # --- persistence ---------------------------------------------------------------
+    @_locked
     def to_bytes(self) -> bytes:
         """The bank as one .npz, no pickle, and canonical: banks with equal contents give
         equal bytes however they got there (put/remove order, compaction, replay), so a
@@ -240,6 +264,7 @@ class NegativeBank:
                     np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
         return buffer.getvalue()
 
+    @_locked
     def sha256(self) -> str:
         """Hash of :meth:`to_bytes`: equal hashes, byte-identical banks."""
         if self._sha256 is None:

@@ -112,7 +112,8 @@ def build_bundle(
         interneg_negatives=lexicon_emb[interneg_idx].astype(np.float32),
         neglabel_words=[lexicon.words[i] for i in neglabel_idx],
         neglabel_negatives=lexicon_emb[neglabel_idx].astype(np.float32),
-        settings=json.loads(settings.model_dump_json()),
+        # the deployment's connection settings (Kafka addresses, credentials) stay out of a bundle
+        settings=json.loads(settings.model_dump_json(exclude={"kafka"})),
         extras=dict(extras or {}),
         info=info,
     )

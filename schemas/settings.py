@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Method = Literal["mcm", "neglabel", "interneg"]
@@ -122,6 +122,8 @@ class TopicSettings(BaseModel):
 
 
 class KafkaSettings(BaseModel):
+    model_config = ConfigDict(validate_assignment=True)  # a password assigned in code becomes a SecretStr too
+
     bootstrap_servers: str = "127.0.0.1:9092"
     client_id: str = "interneg"
     scoring_group: str = "interneg-scoring"
@@ -130,7 +132,7 @@ class KafkaSettings(BaseModel):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None
-    sasl_plain_password: str | None = None
+    sasl_plain_password: SecretStr | None = None  # shown as '**********' in every dump, log and repr
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None

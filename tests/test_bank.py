@@ -130,3 +130,36 @@ def test_without_de_duplication_exact_copies_are_kept_as_the_released_code_keeps
     assert len(bank.entries) == 3
     bank.save(tmp_path / "bank.npz")
     assert NegativeBank.load(tmp_path / "bank.npz").dedup_cos is None
+
+
+def test_the_bank_can_be_read_from_another_thread_while_it_changes():
+    """A worker's /status reads the bank from its HTTP thread while the main thread applies
+    negatives; unguarded, the reads failed mid-update (/status answered 500)."""
+    import threading
+    import time
+
+    bank = make_bank(capacity=50, dedup=None)
+    vecs = unit_rows(200, 3)
+    errors, stop = [], threading.Event()
+
+    def change():
+        i = 0
+        while not stop.is_set():
+            decision = bank.offer(vecs[i % 200], float(i % 97), f"f{i}")
+            if decision.accepted and i % 3 == 0:
+                bank.remove(decision.id)
+            i += 1
+
+    writer = threading.Thread(target=change)
+    writer.start()
+    deadline = time.monotonic() + 2.0
+    reads = 0
+    while time.monotonic() < deadline:
+        try:
+            bank.ranked_ids(), bank.digest(), bank.sha256(), bank.matrix()
+            reads += 1
+        except Exception as exc:  # noqa: BLE001 - any failure of a read is the defect
+            errors.append(repr(exc))
+    stop.set()
+    writer.join()
+    assert reads > 10 and errors == []

@@ -9,10 +9,12 @@ from __future__ import annotations
 import ast
 import inspect
 import io
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from PIL import Image
 
 from schemas.messages import H_CAMERA_ID, H_CONTENT_TYPE, H_FRAME_ID, H_TS, FrameScore
 from conftest import fresh_deployment
+from pipeline.bundle import prepare_bundle, save_bundle
 from schemas.settings import Settings
 from test_streaming import read_topic
 from workers.kafka_clients import make_admin
@@ -84,7 +87,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 # --- SASL_PLAINTEXT ----------------------------------------------------------------------------
-def test_frames_are_scored_end_to_end_through_the_sasl_listener(kafka_security, tiny_settings, tiny_bundle_dir, tmp_path):
+def test_frames_are_scored_end_to_end_through_the_sasl_listener(kafka_security, tiny_settings, tiny_bundle_dir, tiny_model, class_folder, tmp_path):
     failed_before = kafka_security.failed_logins()
     settings = fresh_deployment(secured(tiny_settings, kafka_security, "SASL_PLAINTEXT"))  # topics made over SASL
     settings.worker.bundle = tiny_bundle_dir
@@ -98,7 +101,16 @@ def test_frames_are_scored_end_to_end_through_the_sasl_listener(kafka_security, 
         assert sorted(s.frame_id for s in scores) == sorted(f"f{i}" for i in range(n))
         assert {s.worker for s in scores} == {"scorer-sasl"}
         assert worker.status()["frames_scored"] == n
+        # the password never leaves its setting: not in /status, /metrics, the log, or a bundle
+        secret = kafka_security.sasl_password
+        exposed = {path: urllib.request.urlopen(f"http://127.0.0.1:{worker.port}{path}", timeout=5).read().decode() for path in ("/status", "/metrics")}
         assert worker.terminate() == 0
+        exposed["log"] = worker.log_path.read_text(errors="replace")
+        bundle = save_bundle(prepare_bundle(tiny_model, class_folder, settings), tmp_path / "bundle")
+        exposed.update({str(p): p.read_bytes().decode("latin-1") for p in bundle.iterdir()})
+        assert "kafka" not in json.loads((bundle / "manifest.json").read_text())["settings"]
+        assert [where for where, text in exposed.items() if secret in text] == []
+        assert secret not in repr(settings) and secret not in settings.model_dump_json()
     finally:
         worker.terminate(timeout_s=30)
     assert kafka_security.failed_logins() == failed_before  # every client of the round trip logged in

@@ -19,7 +19,7 @@ def connection_options(kafka: KafkaSettings) -> dict:
     optional = {
         "sasl_mechanism": kafka.sasl_mechanism,
         "sasl_plain_username": kafka.sasl_plain_username,
-        "sasl_plain_password": kafka.sasl_plain_password,
+        "sasl_plain_password": kafka.sasl_plain_password.get_secret_value() if kafka.sasl_plain_password else None,
         "ssl_cafile": kafka.ssl_cafile,
         "ssl_certfile": kafka.ssl_certfile,
         "ssl_keyfile": kafka.ssl_keyfile,

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from schemas.settings import Settings
 
@@ -27,6 +27,8 @@ def settings_env(settings: Settings, prefix: str = "INTERNEG_") -> dict[str, str
             key = f"{path}{name.upper()}"
             if isinstance(value, BaseModel):
                 walk(value, key + "__")
+            elif isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()  # the child needs the secret itself, not its mask
             elif value is not None:
                 env[key] = str(value) if not isinstance(value, bool) else ("true" if value else "false")
 

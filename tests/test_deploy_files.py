@@ -383,8 +383,17 @@ def test_every_interneg_variable_is_a_real_setting(monkeypatch):
 def test_the_deployments_set_what_a_container_needs():
     configmap = k8s_object("ConfigMap", "interneg-config")["data"]
     compose_env = deployment_env()["compose score-worker"]
+    # the default 127.0.0.1 is unreachable from probes and Prometheus: compose binds its
+    # network, k8s the pod's address (and a NetworkPolicy admits only Prometheus)
+    assert compose_env["INTERNEG_WORKER__HTTP_HOST"] == "0.0.0.0"
+    assert "INTERNEG_WORKER__HTTP_HOST" not in configmap
+    for name in ("interneg-score-worker", "interneg-invert-worker"):
+        env = {e["name"]: e for e in k8s_object("Deployment", name)["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["INTERNEG_WORKER__HTTP_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    policy = k8s_object("NetworkPolicy", "interneg-ops")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "interneg"}
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [9400]
     for env in (configmap, compose_env):
-        assert env["INTERNEG_WORKER__HTTP_HOST"] == "0.0.0.0"  # the default 127.0.0.1 is unreachable from probes
         assert int(env["INTERNEG_WORKER__HTTP_PORT"]) > 0  # the default 0 picks a random port
         assert env["INTERNEG_WORKER__BUNDLE"] == "/bundle"
         assert env["INTERNEG_WORKER__EXACTLY_ONCE"] in ("true", "false")
@@ -511,3 +520,12 @@ def test_compose_runs_the_documented_commands():
     assert {"topics", "score-worker", "invert-worker"} <= commands
     text = DOCKERFILE.read_text()
     assert 'ENTRYPOINT ["interneg"]' in text and "USER 10001" in text and "requirements.lock" in text
+
+
+def test_compose_publishes_on_loopback_only_and_grafana_has_no_default_password():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    published = [port for service in compose["services"].values() for port in service.get("ports", [])]
+    assert published and all(str(port).startswith("127.0.0.1:") for port in published), published
+    password = compose["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?"), password  # compose refuses to start without one
+    assert "INTERNEG_WORKER__HTTP_HOST" not in DOCKERFILE.read_text()  # the image keeps the loopback default

@@ -602,3 +602,27 @@ def test_a_hostile_corpus_is_dead_lettered_with_reasons_and_no_worker_dies(strea
     status = inverter.status()
     assert status["candidates"] == all_candidates - len(bad)
     assert scorer.process.poll() is None and inverter.process.poll() is None  # no worker died
+
+
+def test_a_follower_keeps_the_bank_bound_whatever_the_topic_holds(stream_settings, tiny_bundle_dir):
+    """A writer that publishes more negatives than the capacity (and no tombstones) grew every
+    follower's bank past its bound (seen: 9,385 with a capacity of 2,000)."""
+    s = stream_settings
+    bundle, loaded = load_bundle_with_model(tiny_bundle_dir, "cpu")
+    away = -bundle.prototypes.mean(axis=0)
+    rng = np.random.default_rng(4)
+    records = []
+    for i in range(10):
+        v = away / np.linalg.norm(away) + 0.05 * rng.normal(size=away.shape)
+        v = (v / np.linalg.norm(v)).astype(np.float32)
+        record = NegativeRecord(id=negative_id(f"flood-{i}"), vector=Vector.from_numpy(v, loaded.model_id), deviation=float(i),
+                                origin=f"flood-{i}", created=0.0)
+        records.append((str(record.id).encode(), record.to_bytes(), None))
+    produce_records(s, records, topic=s.topics.negatives)
+    bank = bundle.bank("interneg", 4, None)
+    follower = NegativeFollower(s.kafka, s.topics.negatives, bank, loaded.model_id, None, refuse=inadmissible_to(bundle))
+    try:
+        assert follower.catch_up(timeout_s=60) == 10 and follower.rejected == 0
+    finally:
+        follower.close()
+    assert [bank.entries[i].origin for i in bank.ranked_ids()] == ["flood-9", "flood-8", "flood-7", "flood-6"]

@@ -126,6 +126,10 @@ class NegativeFollower:
                     raise ValueError(f"negative {negative} refused: {why}")
                 entry = InvertedNegative(record.id, record.deviation, record.origin, record.created, tuple(record.nearest_words))
                 self.bank.put(entry, vector)
+                # the bound is kept here too, whatever the writer does: every replica evicts
+                # the same lowest-ranked entries, and a flood cannot grow the bank
+                for weakest in self.bank.ranked_ids()[self.bank.capacity :]:
+                    self.bank.remove(weakest)
             self.applied += 1
             self.last_applied_at = time.time()
         except ValueError as exc:  # a malformed or foreign record never reaches the bank (ValidationError is one)

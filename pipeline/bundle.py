@@ -214,18 +214,30 @@ def load_bundle(path: Path, *, model_id: str | None = None) -> Bundle:
             f"{path}: bundle was prepared with model {manifest['model_id']}, but the loaded model is {model_id}; "
             f"prepare a bundle with this model or load the bundle's model"
         )
-    for name, digest in manifest["files"].items():
+    files = manifest["files"]
+    for name, digest in files.items():
+        # a plain file of the folder: not a path out of it, not a link to elsewhere
+        if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or "\\" in name:
+            raise BundleError(f"{path}: the manifest lists {name!r}, which is not a file name in the bundle folder")
         file = path / name
+        if file.is_symlink():
+            raise BundleError(f"{file}: a symbolic link; a bundle holds plain files only")
         if not file.is_file():
             raise BundleError(f"{file}: missing from the bundle")
         if file_sha256(file) != digest:
             raise BundleError(f"{file}: content does not match the manifest's sha256 (modified or corrupt)")
 
+    def verified(name: str) -> Path:
+        """Only files whose hash the manifest lists (and was just checked) are read."""
+        if name not in files:
+            raise BundleError(f"{path}: {name} is not listed in the manifest")
+        return path / name
+
     def array(name: str) -> np.ndarray:
-        return np.load(path / f"{name}.npy", allow_pickle=False)
+        return np.load(verified(f"{name}.npy"), allow_pickle=False)
 
     def words(name: str) -> list[str]:
-        return json.loads((path / f"{name}.json").read_text(encoding="utf-8"))
+        return json.loads(verified(f"{name}.json").read_text(encoding="utf-8"))
 
     has_prototypes = "prototypes.npy" in manifest["files"]
     bundle = Bundle(

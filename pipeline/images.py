@@ -22,10 +22,11 @@ class ImageRejected(ValueError):
 
 
 MAX_ASPECT_RATIO = 20.0
+FORMAT_OF = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}  # content type -> Pillow's format
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_side: int | None = None,
-                 max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO, content_type: str | None = None) -> Image.Image:
     """Bytes -> RGB PIL image, upright by its EXIF orientation, checking sizes before the
     pixels are decoded.
 
@@ -33,7 +34,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_si
     a 1 x 60,000 image (a few hundred bytes of PNG, within the pixel limit) would become
     224 x 13 million pixels before the crop. With ``draft_short_side``, a JPEG is decoded at
     the smallest DCT scale that keeps its shortest side at least that long (see
-    :mod:`pipeline.preprocess`).
+    :mod:`pipeline.preprocess`). With a declared ``content_type``, the bytes must be that format.
     """
     if len(data) == 0:
         raise ImageRejected("empty", "zero bytes")
@@ -43,6 +44,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_si
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            declared = FORMAT_OF.get(content_type) if content_type is not None else None
+            if declared is not None and image.format != declared:
+                raise ImageRejected("content-type-mismatch", f"declared {content_type}, the bytes are {image.format or 'unknown'}")
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected("too-many-pixels", f"{width}x{height} > limit {max_pixels} pixels")

@@ -56,6 +56,40 @@ def test_tampered_bundle_is_refused(tiny_bundle_dir, tmp_path):
         load_bundle(tmp_path)
 
 
+def test_a_bundle_reads_only_its_own_plain_files_that_the_manifest_hashes(tiny_bundle_dir, tmp_path):
+    """A manifest is data from whoever wrote the folder: a path out of it, a link to elsewhere
+    or a file it does not hash must not be read."""
+    outside = tmp_path / "outside.npy"
+    np.save(outside, np.zeros((1, 1), np.float32))
+
+    def tampered(name, change):
+        copy = shutil.copytree(tiny_bundle_dir, tmp_path / name)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        change(copy, manifest)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        return copy
+
+    def escape(copy, manifest):
+        manifest["files"]["../outside.npy"] = manifest["files"]["id_text.npy"]
+        manifest["extras"] = ["../../outside"]
+
+    with pytest.raises(BundleError, match="'../outside.npy', which is not a file name in the bundle folder"):
+        load_bundle(tampered("escape", escape))
+
+    def link(copy, manifest):
+        (copy / "id_text.npy").unlink()
+        (copy / "id_text.npy").symlink_to(outside)
+
+    with pytest.raises(BundleError, match="id_text.npy: a symbolic link"):
+        load_bundle(tampered("link", link))
+
+    def unlisted(copy, manifest):
+        del manifest["files"]["id_text.npy"]
+
+    with pytest.raises(BundleError, match="id_text.npy is not listed in the manifest"):
+        load_bundle(tampered("unlisted", unlisted))
+
+
 def test_class_list_falls_back_to_neglabel_selection(tiny_model, tiny_settings, tmp_path):
     names = tmp_path / "classes.txt"
     names.write_text("# camera 3\ndog\ncar\n\nbicycle\n")

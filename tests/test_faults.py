@@ -536,6 +536,7 @@ def test_a_hostile_corpus_is_dead_lettered_with_reasons_and_no_worker_dies(strea
         (("bad-header",), b"cam", good, [(H_FRAME_ID, b"x" * 300)]),
         (("bad-header",), b"cam", good, [(H_FRAME_ID, b"badts"), (H_TS, b"yesterday")]),
         (("unsupported-content-type",), b"cam", good, [(H_FRAME_ID, b"ctype"), (H_CONTENT_TYPE, b"text/html")]),
+        (("content-type-mismatch",), b"cam", png_bomb(64, 48), [(H_FRAME_ID, b"ctype-lies"), (H_CONTENT_TYPE, b"image/jpeg")]),
         # issue 11's poison pills: each stopped the worker, at every restart
         (("bad-header",), b"cam", good, [(H_FRAME_ID, b"ts-superscript"), (H_TS, "\u00b2\u0663".encode())]),  # isdigit(), not int()
         (("bad-header",), b"cam", good, [(H_FRAME_ID, b"ts-huge"), (H_TS, b"9" * 30)]),

@@ -65,3 +65,11 @@ def test_exif_orientation_turns_the_image_upright():
     upright = decode_image(buffer.getvalue(), **LIMITS)
     assert upright.size == (48, 64)  # turned as a viewer shows it
     assert upright.getpixel((47, 0)) == (255, 0, 0)  # the top-left pixel now at the top right
+
+
+def test_the_declared_content_type_must_match_the_bytes():
+    with pytest.raises(ImageRejected) as info:
+        decode_image(encoded(fmt="PNG"), **LIMITS, content_type="image/jpeg")
+    assert info.value.reason == "content-type-mismatch" and info.value.detail == "declared image/jpeg, the bytes are PNG"
+    assert decode_image(encoded(fmt="PNG"), **LIMITS, content_type="image/png").size == (64, 48)
+    assert decode_image(encoded(fmt="WEBP"), **LIMITS).size == (64, 48)  # nothing declared: any supported format

@@ -64,6 +64,7 @@ class Frame:
     frame_id: str
     camera_id: str
     ts_ms: int | None
+    content_type: str | None = None
 
 
 def _text_header(record: ConsumerRecord, name: str, required: bool) -> str | None:
@@ -114,7 +115,7 @@ def parse_frame(record: ConsumerRecord) -> Frame:
         raise FrameRejected("unsupported-content-type", f"{content_type[:60]!r}; accepted: {', '.join(CONTENT_TYPES)}")
     if record.value is None:
         raise FrameRejected("empty", "null value")
-    return Frame(record, frame_id, camera_id, ts_ms)
+    return Frame(record, frame_id, camera_id, ts_ms, content_type)
 
 
 class ScoringWorker(BundleWorker):
@@ -150,7 +151,7 @@ class ScoringWorker(BundleWorker):
         images = self.settings.images
         short = self.preprocessor.short_side if self.preprocessor is not None else None
         image = decode_image(frame.record.value, max_bytes=images.max_bytes, max_pixels=images.max_pixels, draft_short_side=short,
-                             max_aspect_ratio=images.max_aspect_ratio)
+                             max_aspect_ratio=images.max_aspect_ratio, content_type=frame.content_type)
         return self.preprocessor.to_uint8(image) if self.preprocessor is not None else self.loaded.preprocess(image)
 
     def _decode_safely(self, frame: Frame):
@@ -195,7 +196,7 @@ class ScoringWorker(BundleWorker):
         images = self.settings.images
         for frame in frames:
             data = frame.record.value
-            if not data.startswith(b"\xff\xd8") or len(data) > images.max_bytes:
+            if not data.startswith(b"\xff\xd8") or len(data) > images.max_bytes or frame.content_type not in (None, "image/jpeg"):
                 return False
             try:
                 header = Image.open(io.BytesIO(data))  # the header only

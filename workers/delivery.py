@@ -256,7 +256,9 @@ def poll_readable(consumer: KafkaConsumer, timeout_ms: int, max_records: int | N
     try:
         return consumer.poll(timeout_ms=timeout_ms, **({} if max_records is None else {"max_records": max_records}))
     except CorruptRecordError as exc:
-        # the client keeps the partition it was draining; without it the record cannot be located
+        # The client keeps the partition it was draining in a private attribute; if a client
+        # upgrade renames it, the error propagates as before (the worker exits) instead of a
+        # blind skip: a test sends such a record, so the upgrade is caught here.
         records = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
         tp = getattr(records, "topic_partition", None)
         if tp is None or tp not in consumer.assignment():

@@ -157,8 +157,13 @@ class NegativeBank:
 
     # --- changing ------------------------------------------------------------------
     @_locked
-    def put(self, entry: InvertedNegative, vector: np.ndarray) -> None:
-        """Insert or replace one inverted negative byte for byte (what a replica applies)."""
+    def put(self, entry: InvertedNegative, vector: np.ndarray) -> tuple[int, ...]:
+        """Insert or replace one inverted negative byte for byte (what a replica applies), then
+        keep the bound: returns the ids that now ranked below the capacity and were dropped.
+
+        The bound lives here, not with the callers, so that however the entries arrive (an
+        offer, a replica applying the topic, a writer publishing past the capacity) every
+        bank evicts the same lowest-ranked entries and none grows without bound."""
         vec = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         if vec.shape[1] != self.dim:
             raise ValueError(f"negative {entry.id} has dimension {vec.shape[1]}, the bank {self.dim}")
@@ -173,6 +178,10 @@ class NegativeBank:
         self._vectors[entry.id] = vec[0]
         self._next_id = max(self._next_id, entry.id + 1)
         self._changed()
+        evicted = tuple(self.ranked_ids()[self.capacity :])
+        for negative_id in evicted:
+            self.remove(negative_id)
+        return evicted
 
     @_locked
     def remove(self, negative_id: int) -> bool:
@@ -220,10 +229,7 @@ class NegativeBank:
             created=time.time() if created is None else created,
             nearest_words=self.nearest_words(vec[0]),
         )
-        self.put(entry, vec[0])
-        evicted = tuple(self.ranked_ids()[self.capacity :])
-        for negative_id in evicted:
-            self.remove(negative_id)
+        evicted = self.put(entry, vec[0])
         return Decision("admitted", "admitted", entry.id, evicted)
 
     def _changed(self) -> None:

@@ -25,6 +25,14 @@ MAX_ASPECT_RATIO = 20.0
 FORMAT_OF = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}  # content type -> Pillow's format
 
 
+def check_dimensions(width: int, height: int, *, max_pixels: int, max_aspect_ratio: float) -> None:
+    """Refuse an image by its header's size, before any pixel is decoded (or resized)."""
+    if width * height > max_pixels:
+        raise ImageRejected("too-many-pixels", f"{width}x{height} > limit {max_pixels} pixels")
+    if max(width, height) > max_aspect_ratio * max(1, min(width, height)):
+        raise ImageRejected("extreme-aspect-ratio", f"{width}x{height}: sides differ by more than {max_aspect_ratio:g}x")
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_side: int | None = None,
                  max_aspect_ratio: float = MAX_ASPECT_RATIO, content_type: str | None = None) -> Image.Image:
     """Bytes -> RGB PIL image, upright by its EXIF orientation, checking sizes before the
@@ -48,10 +56,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_si
             if declared is not None and image.format != declared:
                 raise ImageRejected("content-type-mismatch", f"declared {content_type}, the bytes are {image.format or 'unknown'}")
             width, height = image.size
-            if width * height > max_pixels:
-                raise ImageRejected("too-many-pixels", f"{width}x{height} > limit {max_pixels} pixels")
-            if max(width, height) > max_aspect_ratio * max(1, min(width, height)):
-                raise ImageRejected("extreme-aspect-ratio", f"{width}x{height}: sides differ by more than {max_aspect_ratio:g}x")
+            check_dimensions(width, height, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
             if draft_short_side is not None:
                 draft_for(image, draft_short_side)
             return ImageOps.exif_transpose(image).convert("RGB")

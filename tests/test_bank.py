@@ -37,6 +37,19 @@ def test_bound_and_ranking_by_deviation():
     np.testing.assert_array_equal(m[4], vecs[4])
 
 
+def test_put_keeps_the_bound_and_says_what_it_evicted():
+    """What a replica applies, whatever order or number of records a writer sent: the bank
+    never holds more than its capacity, and the same entries go whoever applies them."""
+    bank = make_bank(capacity=2)
+    vecs = unit_rows(4, 5)
+    put = lambda k, dev: bank.put(InvertedNegative(FIRST_INVERTED_ID + k, dev, f"o{k}", 0.0), vecs[k])  # noqa: E731
+    assert put(0, 0.3) == () and put(1, 0.1) == ()
+    assert put(2, 0.2) == (FIRST_INVERTED_ID + 1,)  # 0.1 ranks last
+    assert put(3, 0.05) == (FIRST_INVERTED_ID + 3,)  # below the bound: in and out at once
+    assert bank.ranked_ids() == [FIRST_INVERTED_ID, FIRST_INVERTED_ID + 2]
+    assert put(2, 0.2) == ()  # replacing an entry in place evicts nothing
+
+
 def test_near_duplicates_of_any_negative_are_refused():
     bank = make_bank(dedup=0.95)
     v = unit_rows(1, 1)[0]

@@ -580,9 +580,10 @@ class BatchLoop:
         owned = set(self.consumer.assignment())
         try:
             offsets = group_offsets(self.consumer)
+            uncommitted = offsets.uncommitted()
             if self.on_lag is not None:
-                self.on_lag(offsets.uncommitted(), owned)
-            waiting = self._waiting(offsets, owned) if self.liveness is not None else {}
+                self.on_lag(uncommitted, owned)
+            waiting = self._waiting(offsets, uncommitted, owned) if self.liveness is not None else {}
         except KafkaError as exc:  # the broker away: no gauge moves, and it is no stall of this member
             if self.log is not None:
                 self.log.warning("lag not measured", error=str(exc))
@@ -595,7 +596,8 @@ class BatchLoop:
             self._stall_over()
         return stall
 
-    def _waiting(self, offsets: GroupOffsets, owned: set[TopicPartition]) -> dict[TopicPartition, int]:
+    def _waiting(self, offsets: GroupOffsets, uncommitted: dict[TopicPartition, int],
+                 owned: set[TopicPartition]) -> dict[TopicPartition, int]:
         """The records waiting for this member, per partition.
 
         A stable member: those between its position and the end of each partition it owns,
@@ -606,9 +608,9 @@ class BatchLoop:
         """
         group = self.consumer.group_metadata()
         if group.group_id is not None and group.state != MemberState.STABLE:
-            return offsets.uncommitted()
+            return uncommitted
         if self._refused:
-            return {tp: n for tp, n in offsets.uncommitted().items() if tp in owned}
+            return {tp: n for tp, n in uncommitted.items() if tp in owned}
         deadline = _Deadline(LAG_TIMEOUT_MS)
         positions = {tp: self.consumer.position(tp, timeout_ms=deadline.ms()) for tp in owned if tp in offsets.ends}
         return {tp: max(0, offsets.ends[tp] - (position or 0)) for tp, position in positions.items()}

@@ -94,11 +94,13 @@ class InversionWorker(BundleWorker):
         return outputs
 
     def restore_bound(self) -> list[Output]:
-        """Tombstones for whatever ranks below the bound: a predecessor killed between
-        publishing a negative and the tombstone of what it evicted leaves one too many."""
-        excess = self.bank.ranked_ids()[self.bank.capacity :]
+        """Tombstones for what the bank's bound evicted while following the topic without a
+        tombstone there: a predecessor killed between publishing a negative and the tombstone
+        of what it evicted leaves one entry too many on the compacted topic, and a replica
+        replaying the compacted topic later would otherwise keep it."""
+        excess = sorted(self.follower.unannounced)
+        self.follower.unannounced.clear()
         for negative in excess:
-            self.bank.remove(negative)
             self.metrics.negatives_published.labels(kind="tombstone").inc()
             self.log.info("bound restored", evicted=negative)
         return [tombstone_output(self.settings.topics.negatives, negative) for negative in excess]

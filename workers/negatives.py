@@ -88,6 +88,9 @@ class NegativeFollower:
         self.rejected = 0
         self.applied = 0
         self.seen_ids: set[int] = set()  # every id put or tombstoned, still known after eviction
+        # ids the bank's bound evicted here that no tombstone on the topic has announced yet:
+        # the inversion worker publishes those tombstones (see InversionWorker.restore_bound)
+        self.unannounced: set[int] = set()
         self.last_applied_at: float | None = None
         self.consumer = make_consumer(kafka, group_id=None, isolation_level="read_committed")
         self.partitions = [TopicPartition(topic, p) for p in sorted(self._partitions(topic))]
@@ -116,6 +119,7 @@ class NegativeFollower:
             self.seen_ids.add(negative)
             if value is None:
                 self.bank.remove(negative)
+                self.unannounced.discard(negative)
             else:
                 record = NegativeRecord.from_bytes(value)
                 if record.id != negative:
@@ -125,18 +129,17 @@ class NegativeFollower:
                 if why is not None:
                     raise ValueError(f"negative {negative} refused: {why}")
                 entry = InvertedNegative(record.id, record.deviation, record.origin, record.created, tuple(record.nearest_words))
-                self.bank.put(entry, vector)
-                # the bound is kept here too, whatever the writer does: every replica evicts
-                # the same lowest-ranked entries, and a flood cannot grow the bank
-                for weakest in self.bank.ranked_ids()[self.bank.capacity :]:
-                    self.bank.remove(weakest)
+                self.unannounced.update(self.bank.put(entry, vector))
             self.applied += 1
             self.last_applied_at = time.time()
         except ValueError as exc:  # a malformed or foreign record never reaches the bank (ValidationError is one)
-            self.rejected += 1
-            self.on_rejected()
-            if self.log is not None:
-                self.log.warning("negative record rejected", key=repr(key)[:80], error=str(exc)[:300])
+            self._reject("negative record rejected", key=repr(key)[:80], error=str(exc)[:300])
+
+    def _reject(self, event: str, **fields) -> None:
+        self.rejected += 1
+        self.on_rejected()
+        if self.log is not None:
+            self.log.warning(event, **fields)
 
     def poll(self, timeout_ms: int = 0) -> int:
         """Apply whatever has arrived; returns the number of records applied or rejected."""
@@ -148,10 +151,7 @@ class NegativeFollower:
         return count
 
     def _unreadable(self, unreadable) -> None:
-        self.rejected += 1
-        self.on_rejected()
-        if self.log is not None:
-            self.log.warning("negative record skipped: the Kafka client cannot decode it", offset=unreadable.offset, error=unreadable.error)
+        self._reject("negative record skipped: the Kafka client cannot decode it", offset=unreadable.offset, error=unreadable.error)
 
     def lag(self) -> int:
         ends = self.consumer.end_offsets(self.partitions)
@@ -172,6 +172,7 @@ class NegativeFollower:
     def restart(self) -> None:
         """Forget what was applied and read the topic from the beginning again."""
         self.seen_ids.clear()
+        self.unannounced.clear()
         self.consumer.seek_to_beginning(*self.partitions)
 
     def close(self) -> None:

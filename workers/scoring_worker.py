@@ -15,7 +15,7 @@ import torch
 from kafka.consumer.fetcher import ConsumerRecord
 from PIL import Image
 
-from pipeline.images import ImageRejected, decode_image
+from pipeline.images import ImageRejected, check_dimensions, decode_image
 from pipeline.preprocess import BatchPreprocessor, UnsupportedTransform, decode_jpegs_on_device
 from pipeline.scorers import InterNegScorer, scorer_from_bundle
 from schemas.messages import (
@@ -203,7 +203,9 @@ class ScoringWorker(BundleWorker):
                 (width, height), orientation = header.size, header.getexif().get(0x0112, 1)
             except Exception:  # noqa: BLE001 - the CPU path names the problem
                 return False
-            if width * height > images.max_pixels or max(width, height) > images.max_aspect_ratio * max(1, min(width, height)):
+            try:
+                check_dimensions(width, height, max_pixels=images.max_pixels, max_aspect_ratio=images.max_aspect_ratio)
+            except ImageRejected:
                 return False
             if orientation != 1:  # rotated by its EXIF orientation: the CPU path turns it upright
                 return False

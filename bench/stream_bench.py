@@ -62,6 +62,10 @@ class Deployment:
         self.workdir = Path(workdir)
         self.broker = None if bootstrap else Broker(self.workdir / f"kafka-{uuid.uuid4().hex[:6]}")
         self.settings = settings.model_copy(deep=True)
+        if self.settings.bank.signing_key is None and self.settings.bank.verify_key is None:  # signed, as deployed
+            from workers.local_run import run_keypair
+
+            self.settings.bank.signing_key, self.settings.bank.verify_key = run_keypair(self.workdir / "keys")
         self.bootstrap = bootstrap
         self.workers: list[WorkerProcess] = []
 
@@ -252,7 +256,8 @@ def propagation(deployment: Deployment, *, negatives: int, workers: int, rate: f
     from pipeline.bank import FIRST_INVERTED_ID
     from pipeline.bundle import load_bundle
     from schemas.messages import NegativeRecord, Vector
-    from workers.negatives import inadmissible_to
+    from workers.negatives import NegativeCheck
+    from workers.signing import NegativeSigner
 
     s = deployment.fresh_topics()
     s.worker.batch_size = batch_size
@@ -261,7 +266,7 @@ def propagation(deployment: Deployment, *, negatives: int, workers: int, rate: f
     bundle = load_bundle(Path(s.worker.bundle))
     dim = bundle.id_text.shape[1]
     # scoring workers refuse negatives that fail METHOD §2's test: publish only admissible ones
-    refuse = inadmissible_to(bundle) or (lambda v: None)
+    check, signer = NegativeCheck.of(bundle), NegativeSigner.from_file(s.bank.signing_key)
     producer = make_producer(s.kafka, linger_ms=0)
     data = sample_frames(8)
     # warm-up: every worker has joined the group and handled two batches (the second worker's
@@ -277,12 +282,16 @@ def propagation(deployment: Deployment, *, negatives: int, workers: int, rate: f
         while True:
             v = rng.normal(size=dim).astype(np.float32)
             v /= np.linalg.norm(v)
-            if refuse(v) is None:
+            try:
+                check.degree(v)
                 break
+            except ValueError:
+                continue
         negative = FIRST_INVERTED_ID + 10_000 + n
         record = NegativeRecord(id=negative, vector=Vector.from_numpy(v, model_id), deviation=float(rng.random()), origin=f"bench-{n}", created=time.time())
         published = time.monotonic()
-        producer.send(s.topics.negatives, key=str(negative).encode(), value=record.to_bytes()).get(timeout=30)
+        key, value = str(negative).encode(), record.to_bytes()
+        producer.send(s.topics.negatives, key=key, value=value, headers=signer.sign(s.topics.negatives, key, value)).get(timeout=30)
         pending = set(range(workers))
         next_frame = time.monotonic()
         while pending and time.monotonic() - published < 30:

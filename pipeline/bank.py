@@ -199,6 +199,12 @@ class NegativeBank:
         for negative_id in list(self.entries):
             self.remove(negative_id)
 
+    @staticmethod
+    def stored_form(vector: np.ndarray) -> np.ndarray:
+        """The float32 unit vector ``offer`` stores for ``vector``, bit for bit: what a caller
+        must compute a ranking value from to rank as every replica of the stored vector will."""
+        return normalize_rows(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0]
+
     @_locked
     def offer(
         self, vector: np.ndarray, deviation: float, origin: str, *, created: float | None = None, id: int | None = None
@@ -208,7 +214,7 @@ class NegativeBank:
         ``id`` lets the caller name the entry (a stable id per origin makes a replayed
         offer a no-op); by default ids count up from :data:`FIRST_INVERTED_ID`.
         """
-        vec = normalize_rows(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        vec = self.stored_form(vector).reshape(1, -1)
         if not np.isfinite(vec).all() or not np.isfinite(deviation):
             return Decision("not_finite", "not finite")
         if id is not None and id in self.entries:

@@ -30,6 +30,9 @@ H_DL_OFFSET = "x-dl-source-offset"
 H_DL_WORKER = "x-dl-worker"
 H_DL_TRUNCATED = "x-dl-truncated"  # what of the original did not fit: "value 16777000 -> 16760000 bytes; headers dropped"
 
+# Negatives header (topic `ood.negatives`): the inversion worker's Ed25519 signature (workers/signing.py).
+H_SIGNATURE = "x-signature"
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

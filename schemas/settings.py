@@ -90,6 +90,16 @@ class InversionSettings(BaseModel):
         description="candidates queued longer than this are skipped unseen: when frames below beta arrive faster "
         "than inversion runs, the backlog stays bounded and the bank learns from recent frames",
     )
+    camera_rate: float = Field(
+        0.5, gt=0,
+        description="candidates inverted per second per camera id, sustained (a token bucket); beyond, they are skipped "
+        "and counted: one camera, or a writer forging candidates in its name, cannot fill the bank",
+    )
+    camera_burst: int = Field(30, gt=0, description="candidates one camera id may have inverted at once before camera_rate applies")
+    total_rate: float = Field(
+        10.0, gt=0, description="candidates inverted per second over all camera ids, sustained: forged camera ids gain nothing"
+    )
+    total_burst: int = Field(300, gt=0)
 
 
 class BankSettings(BaseModel):
@@ -98,6 +108,15 @@ class BankSettings(BaseModel):
         0.95, gt=0, le=1,
         description="a candidate this close to a kept negative is a duplicate; unset (None) keeps every one, "
         "as the released code (the paper profile)",
+    )
+    signing_key: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM, 'interneg keygen') the inversion worker signs negatives and tombstones with",
+    )
+    verify_key: Path | None = Field(
+        None,
+        description="Ed25519 public key (PEM) every worker checks negatives against, refusing unsigned and badly signed "
+        "ones; unset: the signing key's public half, or, with neither key, negatives are not authenticated (a warning)",
     )
 
 

@@ -40,6 +40,10 @@ def tiny_settings(tmp_path_factory) -> Settings:
     settings.model = TINY.model_copy()
     settings.cache_dir = tmp_path_factory.mktemp("cache")
     settings.method.num_negatives = 200
+    from workers.signing import generate_keypair
+
+    # every deployment of the tests signs and checks its negatives, as deploy/ does
+    settings.bank.signing_key, settings.bank.verify_key = generate_keypair(tmp_path_factory.mktemp("keys"))
     return settings
 
 

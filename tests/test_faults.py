@@ -21,6 +21,7 @@ from kafka import TopicPartition
 from kafka.structs import MemberState, OffsetAndMetadata
 from kafka.errors import CommitFailedError, KafkaError
 from PIL import Image
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.stream_bench import CommitWatcher
 from conftest import BROKER, fresh_deployment
@@ -30,7 +31,8 @@ from schemas.messages import H_CONTENT_TYPE, H_DL_DETAIL, H_DL_REASON, H_DL_TRUN
 from test_streaming import crafted_candidates, frame_record, jpeg, read_topic, scores_by_frame
 from workers.delivery import BatchLoop, Output, abort_transaction
 from workers.kafka_clients import make_consumer, make_producer
-from workers.negatives import NegativeFollower, inadmissible_to, negative_id
+from workers.negatives import NegativeCheck, NegativeFollower, negative_id
+from workers.signing import NegativeSigner, NegativeVerifier
 from workers.producer import produce_records
 
 pytestmark = pytest.mark.fault
@@ -371,6 +373,17 @@ def forged_negative(bundle_dir) -> NegativeRecord:
                           origin="forged-0", created=0.0, nearest_words=[])
 
 
+def admissible_negative(bundle_dir, origin: str, seed: int, claimed: float = 9.0) -> NegativeRecord:
+    """A plausible negative: a unit vector pointing away from the ID prototypes (admissible), claiming ``claimed``."""
+    bundle, loaded = load_bundle_with_model(bundle_dir, "cpu")
+    away = -bundle.prototypes.mean(axis=0)
+    v = away / np.linalg.norm(away) + 0.05 * np.random.default_rng(seed).normal(size=away.shape)
+    v = (v / np.linalg.norm(v)).astype(np.float32)
+    NegativeCheck.of(bundle).degree(v)  # raises if it is not admissible after all
+    return NegativeRecord(id=negative_id(origin), vector=Vector.from_numpy(v, loaded.model_id), deviation=claimed,
+                          origin=origin, created=0.0)
+
+
 def test_inversion_worker_killed_mid_batch_republishes_nothing_and_replicas_replay_the_identical_bank(
     stream_settings, tiny_bundle_dir, workers
 ):
@@ -407,19 +420,31 @@ def test_inversion_worker_killed_mid_batch_republishes_nothing_and_replicas_repl
     assert not poison_ids & set(published)  # crafted next to the ID prototypes: never admitted
     assert len(live_keys) <= s.bank.capacity and truth["bank_size"] <= s.bank.capacity  # the bound holds
 
-    # a negative forged straight onto the topic next to an ID prototype: every replica refuses it
+    # negatives forged straight onto the topic: next to an ID prototype (even signed with the
+    # deployment's own key), admissible but unsigned, admissible but signed with another key,
+    # and a tombstone of a live negative signed with another key: every replica refuses them
     forged = forged_negative(tiny_bundle_dir)
-    produce_records(s, [(str(forged.id), forged.to_bytes(), None)], topic=s.topics.negatives)
+    own, stranger = NegativeSigner.from_file(s.bank.signing_key), NegativeSigner(Ed25519PrivateKey.generate())
+    plausible = [admissible_negative(tiny_bundle_dir, f"forged-{k}", seed=k) for k in (1, 2)]
+    victim = sorted(live_keys)[0]
+    records = [(str(forged.id).encode(), forged.to_bytes()), (str(plausible[0].id).encode(), plausible[0].to_bytes())]
+    produce_records(s, [(records[0][0], records[0][1], own.sign(s.topics.negatives, *records[0])),
+                        (records[1][0], records[1][1], None),
+                        (str(plausible[1].id).encode(), plausible[1].to_bytes(),
+                         stranger.sign(s.topics.negatives, str(plausible[1].id).encode(), plausible[1].to_bytes())),
+                        (victim, None, stranger.sign(s.topics.negatives, victim, None))], topic=s.topics.negatives)
     fresh = workers("score-worker", s, "scorer-fresh")  # replays ood.negatives from the beginning
     fresh.wait_ready()
     replica = fresh.status()
-    assert replica["negatives_rejected"] == 1 and forged.id not in replica["bank_ids"]
+    assert replica["negatives_rejected"] == 4 and not {forged.id, *(p.id for p in plausible)} & set(replica["bank_ids"])
+    assert int(victim) in replica["bank_ids"]
     assert replica["bank_ids"] == truth["bank_ids"]
     assert replica["bank_sha256"] == truth["bank_sha256"]  # byte-identical to the inversion worker's bank
     # and an in-process replay, saved to a file, hashes the same
     bundle, loaded = load_bundle_with_model(tiny_bundle_dir, "cpu")
     bank: NegativeBank = bundle.bank("interneg", s.bank.capacity, s.bank.dedup_cos)
-    follower = NegativeFollower(s.kafka, s.topics.negatives, bank, loaded.model_id, refuse=inadmissible_to(bundle))
+    follower = NegativeFollower(s.kafka, s.topics.negatives, bank, loaded.model_id, check=NegativeCheck.of(bundle),
+                                verifier=NegativeVerifier.from_file(s.bank.verify_key))
     follower.catch_up()
     follower.close()
     assert bank.sha256() == truth["bank_sha256"]
@@ -504,6 +529,7 @@ def bad_vector_candidates(good: Candidate) -> list[tuple[str, bytes]]:
         ("wrong-model", with_embedding(model_id="ViT-L-14/openai")),
         ("size-lies", with_embedding(data=base64.b64encode(raw[:-1].tobytes()).decode())),
         ("nan", with_embedding(data=base64.b64encode(nan.tobytes()).decode())),
+        ("not-unit", with_embedding(data=base64.b64encode((2 * raw).tobytes()).decode())),  # no image embedding is that long
         ("not-json", b"\x80\x04\x95 a pickle, maybe"),
         ("empty", b""),
         ("extra-field", json.dumps({**doc, "exec": "rm -rf /"}).encode()),
@@ -556,6 +582,9 @@ def test_a_hostile_corpus_is_dead_lettered_with_reasons_and_no_worker_dies(strea
     candidates = [(legit[0].frame_id, legit[0].to_bytes(), None)]
     for (case, value), c in zip(bad, legit[1:] * len(bad)):
         candidates += [(case, value, None), (c.frame_id, c.to_bytes(), None)]
+    # well formed and claiming a low score, but an ID prototype's twin: its score, recomputed, is high
+    forged_candidate = poisoned_candidates(tiny_bundle_dir, 1)[0]
+    candidates.append((forged_candidate.frame_id, forged_candidate.to_bytes(), None))
 
     scorer, inverter = workers("score-worker", s, "scorer-h"), workers("invert-worker", s, "inverter-h")
     scorer.wait_ready()
@@ -607,33 +636,65 @@ def test_a_hostile_corpus_is_dead_lettered_with_reasons_and_no_worker_dies(strea
     assert {f"f{i}" for i in range(len(frames) + 1)} <= set(scores)  # the valid frames around them were scored
     assert skipped and "undecodable" not in scores and "undecodable" not in by_case  # skipped, counted, logged
     # candidates: each wrong vector dead-lettered with its reason, the valid ones between them inverted
-    assert len(dead_candidates) == len(bad)
-    reasons = {dict(r.headers)[H_DL_REASON].decode() for r in dead_candidates}
-    assert reasons <= {"malformed-candidate", "wrong-vector"} and "wrong-vector" in reasons
+    assert len(dead_candidates) == len(bad) + 1
+    reasons = Counter(dict(r.headers)[H_DL_REASON].decode() for r in dead_candidates)
+    assert set(reasons) <= {"malformed-candidate", "wrong-vector", "not-confidently-ood"} and by_case["not-unit"][0] == "wrong-vector"
+    assert reasons["not-confidently-ood"] == 1 and by_case[forged_candidate.frame_id][0] == "not-confidently-ood"
     status = inverter.status()
-    assert status["candidates"] == all_candidates - len(bad)
+    assert status["candidates"] == all_candidates - len(bad) and status["published"] >= 1  # the forged one parsed, never inverted
     assert scorer.process.poll() is None and inverter.process.poll() is None  # no worker died
+
+
+def test_a_flood_of_candidates_in_one_cameras_name_cannot_fill_the_bank(stream_settings, tiny_bundle_dir, workers):
+    """400 forged candidates, inverted by our own worker, took the bank over (issue 11): now
+    one camera id gets its burst and then its sustained rate, and the other cameras theirs."""
+    s = stream_settings
+    s.worker.bundle = tiny_bundle_dir
+    s.inversion.camera_burst, s.inversion.camera_rate = 4, 0.001  # nothing refills during the test
+    flood = crafted_candidates(tiny_bundle_dir, 40, seed=31)
+    others = crafted_candidates(tiny_bundle_dir, 3, seed=32)
+    records = [(c.frame_id, c.model_copy(update={"camera_id": "cam-flood"}).to_bytes(), None) for c in flood]
+    records += [(c.frame_id, c.model_copy(update={"camera_id": f"cam-{k}"}).to_bytes(), None) for k, c in enumerate(others)]
+    inverter = workers("invert-worker", s, "inverter-r")
+    inverter.wait_ready()
+    produce_records(s, records, topic=s.topics.candidates)
+    wait_for(lambda: committed(s, s.kafka.inversion_group, s.topics.candidates) >= len(records), 120, "every candidate committed")
+    status = inverter.status()
+    origins = {NegativeRecord.from_bytes(r.value).origin for r in read_topic(s, s.topics.negatives, idle_s=1) if r.value}
+    report("candidate flood", flood=len(flood), others=len(others), rate_limited=status["rate_limited"], published=sorted(origins))
+    assert status["candidates"] == len(records) and status["rate_limited"] == len(flood) - 4
+    assert len(origins & {c.frame_id for c in flood}) <= 4 and origins & {c.frame_id for c in others}
 
 
 def test_a_follower_keeps_the_bank_bound_whatever_the_topic_holds(stream_settings, tiny_bundle_dir):
     """A writer that publishes more negatives than the capacity (and no tombstones) grew every
-    follower's bank past its bound (seen: 9,385 with a capacity of 2,000)."""
+    follower's bank past its bound (seen: 9,385 with a capacity of 2,000). The ranking is
+    the deviation the follower computes from each vector, never the one a record claims."""
     s = stream_settings
     bundle, loaded = load_bundle_with_model(tiny_bundle_dir, "cpu")
-    away = -bundle.prototypes.mean(axis=0)
-    rng = np.random.default_rng(4)
+    signer, check = NegativeSigner.from_file(s.bank.signing_key), NegativeCheck.of(bundle)
+    flood = [admissible_negative(tiny_bundle_dir, f"flood-{i}", seed=i, claimed=float(i)) for i in range(10)]
     records = []
-    for i in range(10):
-        v = away / np.linalg.norm(away) + 0.05 * rng.normal(size=away.shape)
-        v = (v / np.linalg.norm(v)).astype(np.float32)
-        record = NegativeRecord(id=negative_id(f"flood-{i}"), vector=Vector.from_numpy(v, loaded.model_id), deviation=float(i),
-                                origin=f"flood-{i}", created=0.0)
-        records.append((str(record.id).encode(), record.to_bytes(), None))
+    for record in flood:
+        key, value = str(record.id).encode(), record.to_bytes()
+        records.append((key, value, signer.sign(s.topics.negatives, key, value)))
     produce_records(s, records, topic=s.topics.negatives)
     bank = bundle.bank("interneg", 4, None)
-    follower = NegativeFollower(s.kafka, s.topics.negatives, bank, loaded.model_id, None, refuse=inadmissible_to(bundle))
+    follower = NegativeFollower(s.kafka, s.topics.negatives, bank, loaded.model_id, None, check=check, verifier=signer.verifier())
     try:
         assert follower.catch_up(timeout_s=60) == 10 and follower.rejected == 0
+        first = bank.ranked_ids()[0]
+        # its removal, then a replay of its own signed record (a hostile writer can copy one):
+        # it stays out, and is marked for the inversion worker to announce the removal again
+        replayed = next(r for r in records if r[0] == str(first).encode())
+        produce_records(s, [(replayed[0], None, signer.sign(s.topics.negatives, replayed[0], None)), replayed], topic=s.topics.negatives)
+        assert follower.catch_up(timeout_s=60) == 2 and first not in bank.entries and first in follower.unannounced
+        follower.unannounced.discard(first)
     finally:
         follower.close()
-    assert [bank.entries[i].origin for i in bank.ranked_ids()] == ["flood-9", "flood-8", "flood-7", "flood-6"]
+    truth = sorted(flood, key=lambda r: (-check.degree(r.vector.to_numpy(model_id=loaded.model_id, dim=bank.dim)), r.id))
+    assert [bank.entries[i].origin for i in bank.ranked_ids()] == [r.origin for r in truth[1:4]]
+    assert [r.origin for r in truth[:4]] != ["flood-9", "flood-8", "flood-7", "flood-6"]  # not what the records claim
+    assert all(bank.entries[i].deviation == check.degree(bank.vector(i)) for i in bank.ranked_ids())
+    # the six evicted without a tombstone on the topic: the inversion worker announces them
+    assert follower.unannounced == {r.id for r in truth[4:]}

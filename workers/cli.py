@@ -280,6 +280,17 @@ def topics(bootstrap: BootstrapOption = None) -> None:
         typer.echo(f"{name}: {action}")
 
 
+@app.command()
+def keygen(out: Annotated[Path, typer.Argument(help="folder for negatives-signing.pem (private, mode 600) and negatives-verify.pem")]) -> None:
+    """Make the Ed25519 key pair of the negatives topic: the signing key for the inversion
+    worker (INTERNEG_BANK__SIGNING_KEY), the verify key for every worker (INTERNEG_BANK__VERIFY_KEY)."""
+    from workers.signing import generate_keypair
+
+    private, public = generate_keypair(out)
+    typer.echo(f"INTERNEG_BANK__SIGNING_KEY={private.resolve()}")
+    typer.echo(f"INTERNEG_BANK__VERIFY_KEY={public.resolve()}")
+
+
 @app.command("score-worker")
 def score_worker(bundle: BundleOption = None, bootstrap: BootstrapOption = None, http_port: PortOption = None) -> int:
     """Run a scoring worker: frames -> scores, alerts, candidates (stops cleanly on SIGTERM)."""

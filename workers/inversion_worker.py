@@ -8,18 +8,57 @@ redelivered candidate is recognised and never published twice.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
 from pipeline.inversion import TextInverter
-from pipeline.selection import deviation
+from pipeline.scorers import InterNegScorer
+from pipeline.bank import NegativeBank
 from schemas.messages import Candidate
 from schemas.settings import Settings
 from workers.delivery import Output
-from workers.negatives import negative_id, negative_output, tombstone_output
+from workers.negatives import NegativeCheck, negative_id, negative_output, tombstone_output
 from workers.worker import BundleWorker
+
+
+UNIT_TOLERANCE = 1e-3  # as NegativeBank.put: float16 on the wire and float32 sums stay well inside
+MAX_CAMERAS = 10_000  # camera ids with a bucket; the least recently seen is forgotten (it refills to a full burst)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, now: float):
+        self.rate, self.burst, self.tokens, self.at = rate, burst, float(burst), now
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+
+class CameraRateLimit:
+    """Token buckets per camera id and over all of them, on this worker's clock (a record's
+    own timestamps could be forged to refill them)."""
+
+    def __init__(self, rate: float, burst: int, total_rate: float, total_burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.total = TokenBucket(total_rate, total_burst, clock())
+        self.cameras: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, camera: str) -> bool:
+        now = self.clock()
+        bucket = self.cameras.pop(camera, None) or TokenBucket(self.rate, self.burst, now)
+        self.cameras[camera] = bucket  # most recently seen last
+        while len(self.cameras) > MAX_CAMERAS:
+            self.cameras.popitem(last=False)
+        bucket.refill(now)
+        self.total.refill(now)
+        if bucket.tokens < 1 or self.total.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        self.total.tokens -= 1
+        return True
 
 
 class InversionWorker(BundleWorker):
@@ -31,11 +70,21 @@ class InversionWorker(BundleWorker):
             raise ValueError(
                 f"{settings.worker.bundle}: bundle has no image prototypes (made from a class list), so inversion is unavailable"
             )
+        if self.verifier is not None and self.signer is None:
+            raise ValueError("the workers check negatives against INTERNEG_BANK__VERIFY_KEY, but the inversion worker has no "
+                             "INTERNEG_BANK__SIGNING_KEY: every negative it publishes would be refused")
         self.inverter = TextInverter(self.loaded, settings.inversion, self.bundle.prototypes)
-        self.base = self.bundle.base_similarity
+        self.check = NegativeCheck.of(self.bundle)
         self.bank = self.bundle.bank("interneg", settings.bank.capacity, settings.bank.dedup_cos)
+        # the same InterNeg score the scoring workers compute, over this worker's bank
+        m = settings.method
+        self.scorer = InterNegScorer(self.bundle.id_text, self.bank, scale=self.bundle.logit_scale, groups=m.groups, beta=m.beta,
+                                     prototypes=self.bundle.prototypes, inverter=None)
+        inv = settings.inversion
+        self.rate = CameraRateLimit(inv.camera_rate, inv.camera_burst, inv.total_rate, inv.total_burst)
         self.candidates_seen = 0
         self.stale = 0
+        self.rate_limited = 0
         self.published = 0
 
     def input(self) -> tuple[str, str, int]:
@@ -43,12 +92,12 @@ class InversionWorker(BundleWorker):
         return s.topics.candidates, s.kafka.inversion_group, s.worker.inversion_batch_size
 
     def counters(self) -> dict:
-        return {"candidates": self.candidates_seen, "stale": self.stale, "published": self.published}
+        return {"candidates": self.candidates_seen, "stale": self.stale, "rate_limited": self.rate_limited, "published": self.published}
 
     def handle(self, records: list[ConsumerRecord], prepared=None) -> list[Output]:
         topic = self.settings.topics.negatives
         outputs = self.restore_bound()
-        candidates, vectors = [], []
+        candidates, vectors, sources = [], [], []
         oldest_ms = (time.time() - self.settings.inversion.max_candidate_age_s) * 1000
         for record in records:
             if record.timestamp < oldest_ms:  # the broker's time of the candidate: skipping is cheap, inverting is not
@@ -57,41 +106,63 @@ class InversionWorker(BundleWorker):
                 continue
             try:
                 candidate = Candidate.from_bytes(record.value or b"")
-                vectors.append(candidate.embedding.to_numpy(model_id=self.loaded.model_id, dim=self.loaded.embed_dim))
-                candidates.append(candidate)
+                vector = candidate.embedding.to_numpy(model_id=self.loaded.model_id, dim=self.loaded.embed_dim)
+                if abs(float(np.linalg.norm(vector)) - 1) > UNIT_TOLERANCE:
+                    raise ValueError(f"the embedding has norm {np.linalg.norm(vector):.4g}, an image embedding has norm 1")
             except ValidationError as exc:
                 outputs.append(self.reject(record, "malformed-candidate", str(exc.errors()[0].get("msg", exc))))
-            except ValueError as exc:  # another model's or another width's vector
+                continue
+            except ValueError as exc:  # another model's or another width's vector, or not an embedding at all
                 outputs.append(self.reject(record, "wrong-vector", str(exc)))
+                continue
+            candidates.append(candidate)
+            vectors.append(vector)
+            sources.append(record)
         published = self.follower.seen_ids | self.bank.entries.keys()
         fresh = [i for i, c in enumerate(candidates) if negative_id(c.frame_id) not in published]
+        confident = []
+        if fresh:  # the score is recomputed, never read from the record: only confidently-OOD embeddings are inverted
+            beta = self.settings.method.beta
+            for i, score in zip(fresh, self.scorer.score(np.stack([vectors[i] for i in fresh])).score):
+                if score < beta:
+                    confident.append(i)
+                else:
+                    outputs.append(self.reject(sources[i], "not-confidently-ood",
+                                               f"its score is {score:.4f} here, not below beta {beta} (the record says {candidates[i].score:.4f})"))
+        fresh = [i for i in confident if self._within_rate(candidates[i].camera_id)]
         if not fresh:
             self.candidates_seen += len(candidates)
             return outputs
         images = np.stack([vectors[i] for i in fresh])
         inverted = self.inverter.invert(images)
-        dev = deviation(inverted, self.bundle.prototypes, self.base)
         for j, i in enumerate(fresh):
             candidate = candidates[i]
-            if not dev.admissible[j]:
+            try:  # ranked by what every follower will compute from the vector as published
+                degree = self.check.degree(NegativeBank.stored_form(inverted[j]))
+            except ValueError:
                 self.metrics.inverted.labels(outcome="inadmissible").inc()
                 continue
-            decision = self.bank.offer(
-                inverted[j], float(dev.degree[j]), candidate.frame_id, id=negative_id(candidate.frame_id), created=time.time()
-            )
+            decision = self.bank.offer(inverted[j], degree, candidate.frame_id, id=negative_id(candidate.frame_id), created=time.time())
             self.metrics.inverted.labels(outcome=decision.outcome).inc()
             if not decision.accepted:
                 continue
             self.follower.seen_ids.add(decision.id)
             entry = self.bank.entries[decision.id]
-            outputs.append(negative_output(topic, entry, self.bank.vector(decision.id), self.loaded.model_id))
+            outputs.append(negative_output(topic, entry, self.bank.vector(decision.id), self.loaded.model_id, self.signer))
             self.metrics.negatives_published.labels(kind="negative").inc()
             for evicted in decision.evicted:
-                outputs.append(tombstone_output(topic, evicted))
+                outputs.append(tombstone_output(topic, evicted, self.signer))
                 self.metrics.negatives_published.labels(kind="tombstone").inc()
         self.published += sum(1 for o in outputs if o.topic == topic and o.value is not None)
         self.candidates_seen += len(candidates)  # last, so a reader of status sees a finished batch
         return outputs
+
+    def _within_rate(self, camera: str) -> bool:
+        if self.rate.take(camera):
+            return True
+        self.rate_limited += 1
+        self.metrics.inverted.labels(outcome="rate_limited").inc()
+        return False
 
     def restore_bound(self) -> list[Output]:
         """Tombstones for what the bank's bound evicted while following the topic without a
@@ -103,7 +174,7 @@ class InversionWorker(BundleWorker):
         for negative in excess:
             self.metrics.negatives_published.labels(kind="tombstone").inc()
             self.log.info("bound restored", evicted=negative)
-        return [tombstone_output(self.settings.topics.negatives, negative) for negative in excess]
+        return [tombstone_output(self.settings.topics.negatives, negative, self.signer) for negative in excess]
 
     def on_abort(self) -> None:
         """An aborted transaction took this batch's negatives with it, but ``handle`` had

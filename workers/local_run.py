@@ -69,6 +69,15 @@ def _collect_scores(settings: Settings, frame_ids: set[str], timeout_s: float) -
     return [scores[f] for f in frame_ids if f in scores]
 
 
+def run_keypair(folder: Path) -> tuple[Path, Path]:
+    """The run's negatives key pair: made on the first run, kept with the run's topics after."""
+    from workers.signing import SIGNING_KEY_FILE, VERIFY_KEY_FILE, generate_keypair
+
+    if (folder / SIGNING_KEY_FILE).is_file() and (folder / VERIFY_KEY_FILE).is_file():
+        return folder / SIGNING_KEY_FILE, folder / VERIFY_KEY_FILE
+    return generate_keypair(folder)
+
+
 def local_run(
     settings: Settings,
     *,
@@ -100,6 +109,8 @@ def local_run(
         bundle = prepare_bundle(loaded, classes, settings)
         bundle_dir = save_bundle(bundle, out / "bundle")
         settings.worker.bundle = bundle_dir
+        if settings.bank.signing_key is None and settings.bank.verify_key is None:
+            settings.bank.signing_key, settings.bank.verify_key = run_keypair(out / "keys")
         echo(f"bundle {bundle_dir}: {len(bundle.class_names)} classes ({', '.join(bundle.class_names)}), {len(bundle.interneg_words)} negatives")
         if bundle.prototypes is not None:
             workers.append(WorkerProcess("invert-worker", settings, out / "logs" / "invert-worker.log"))

@@ -1,7 +1,7 @@
 """The negative bank across many workers: the compacted ``ood.negatives`` topic.
 
 The inversion worker publishes each admitted negative keyed by its id and a tombstone
-for each eviction; every worker follows the topic from the beginning (no consumer
+for each eviction, each signed (:mod:`workers.signing`); every worker follows the topic from the beginning (no consumer
 group) and applies records to its own bank between batches. Ranking by (deviation, id)
 makes every replica that has applied the same records hold the identical bank.
 """
@@ -21,6 +21,7 @@ from schemas.messages import NegativeRecord, Vector
 from schemas.settings import KafkaSettings
 from workers.delivery import Output, poll_readable
 from workers.kafka_clients import make_consumer
+from workers.signing import NegativeSigner, NegativeVerifier
 
 
 def negative_id(origin: str) -> int:
@@ -28,24 +29,30 @@ def negative_id(origin: str) -> int:
     return FIRST_INVERTED_ID + int.from_bytes(hashlib.sha256(origin.encode()).digest()[:6], "big")
 
 
-def inadmissible_to(bundle) -> Callable[[np.ndarray], str | None] | None:
-    """METHOD §2's admissibility test against a bundle's ID prototypes, as a follower's ``refuse``.
+class NegativeCheck:
+    """What every holder of a bank computes from a negative's vector rather than trusts:
+    METHOD §2's admissibility against the bundle's ID prototypes, and the deviation degree
+    that ranks the bank. The inversion worker ranks by this same value of the same float32
+    vector it publishes, so every replica ranks (and evicts) exactly as it does."""
 
-    None for a bundle made from a class list: it has no prototypes to test against.
-    """
-    if bundle.prototypes is None:
-        return None
-    prototypes, base = bundle.prototypes, bundle.base_similarity
+    def __init__(self, prototypes: np.ndarray | None, base: np.ndarray | None):
+        self.prototypes, self.base = prototypes, base
 
-    def refuse(vector: np.ndarray) -> str | None:
-        if deviation(vector.reshape(1, -1), prototypes, base).admissible[0]:
-            return None
-        return "as close to an ID prototype as that class's own text is (METHOD §2)"
+    @classmethod
+    def of(cls, bundle) -> "NegativeCheck":
+        return cls(bundle.prototypes, bundle.base_similarity)
 
-    return refuse
+    def degree(self, vector: np.ndarray) -> float:
+        """The deviation degree of one stored vector; ValueError if it is not admissible."""
+        if self.prototypes is None:  # the inversion worker refuses to run on such a bundle
+            raise ValueError("the bundle was made from a class list: it has no image prototypes, so no inverted negative is admissible")
+        found = deviation(np.asarray(vector, dtype=np.float32).reshape(1, -1), self.prototypes, self.base)
+        if not found.admissible[0]:
+            raise ValueError("as close to an ID prototype as that class's own text is (METHOD §2)")
+        return float(found.degree[0])
 
 
-def negative_output(topic: str, entry: InvertedNegative, vector, model_id: str) -> Output:
+def negative_output(topic: str, entry: InvertedNegative, vector, model_id: str, signer: NegativeSigner | None) -> Output:
     record = NegativeRecord(
         id=entry.id,
         vector=Vector.from_numpy(vector, model_id),
@@ -54,20 +61,26 @@ def negative_output(topic: str, entry: InvertedNegative, vector, model_id: str) 
         created=entry.created,
         nearest_words=list(entry.nearest_words),
     )
-    return Output(topic, str(entry.id).encode(), record.to_bytes())
+    return _signed(topic, str(entry.id).encode(), record.to_bytes(), signer)
 
 
-def tombstone_output(topic: str, negative: int) -> Output:
-    return Output(topic, str(negative).encode(), None)
+def tombstone_output(topic: str, negative: int, signer: NegativeSigner | None) -> Output:
+    return _signed(topic, str(negative).encode(), None, signer)
+
+
+def _signed(topic: str, key: bytes, value: bytes | None, signer: NegativeSigner | None) -> Output:
+    return Output(topic, key, value, signer.sign(topic, key, value) if signer is not None else [])
 
 
 class NegativeFollower:
     """Applies the negatives topic to a bank; ``catch_up`` reads to the end before a worker is ready.
 
-    ``refuse(vector)`` returns why a negative must not enter the bank (or None): the
-    workers re-check METHOD §2's admissibility on every record, so a negative forged onto
-    the topic next to an ID prototype is refused by every replica, not only by the
-    inversion worker that would never have published it.
+    Nothing a record says is taken on trust. With a ``verifier``, a record (tombstones
+    included) without the inversion worker's valid signature is refused. The id must be in
+    range and match the key; the vector must be this model's finite unit vector; ``check``
+    recomputes admissibility and the deviation degree from the vector, and the record's own
+    deviation is ignored; the bank keeps its capacity itself. So a record forged onto the
+    topic changes no bank, and every replica that applied the same records holds the same one.
     """
 
     def __init__(
@@ -77,19 +90,23 @@ class NegativeFollower:
         bank: NegativeBank,
         model_id: str,
         log=None,
-        refuse: Callable[[np.ndarray], str | None] | None = None,
+        check: NegativeCheck | None = None,
+        verifier: NegativeVerifier | None = None,
         on_rejected: Callable[[], None] = lambda: None,
     ):
         self.bank = bank
-        self.refuse = refuse
+        self.topic = topic
+        self.check = check if check is not None else NegativeCheck(None, None)
+        self.verifier = verifier
         self.on_rejected = on_rejected
         self.model_id = model_id
         self.log = log
         self.rejected = 0
         self.applied = 0
         self.seen_ids: set[int] = set()  # every id put or tombstoned, still known after eviction
-        # ids the bank's bound evicted here that no tombstone on the topic has announced yet:
-        # the inversion worker publishes those tombstones (see InversionWorker.restore_bound)
+        # ids this bank does not hold whose last record on the topic is not a tombstone (evicted
+        # here by the bound, or put again after their removal): the inversion worker publishes
+        # those tombstones (see InversionWorker.restore_bound)
         self.unannounced: set[int] = set()
         self.last_applied_at: float | None = None
         self.consumer = make_consumer(kafka, group_id=None, isolation_level="read_committed")
@@ -106,15 +123,21 @@ class NegativeFollower:
             time.sleep(0.2)
         raise RuntimeError(f"topic {topic} does not exist (run 'interneg topics' first)")
 
-    def apply(self, key: bytes | None, value: bytes | None) -> None:
+    def apply(self, key: bytes | None, value: bytes | None, headers=()) -> None:
         try:
+            if self.verifier is not None:
+                self.verifier.check(self.topic, key, value, headers)
             if key is None or not (key.isascii() and key.isdigit()) or len(key) > 19 or int(key) >= 2**63:
                 raise ValueError("the key must be a negative id: 0 to 2^63-1 in ASCII digits")
             negative = int(key)
             if value is not None and negative in self.seen_ids and negative not in self.bank.entries:
                 # an id once removed stays removed (ids are never reused): the inversion worker
                 # reading back its own negative after it already evicted it must not revive it
-                # until the tombstone that follows arrives (seen: bank 5 with capacity 4)
+                # until the tombstone that follows arrives (seen: bank 5 with capacity 4). Until one
+                # does, the compacted topic's last word on this id is a put that a replica replaying
+                # it later would apply (a signed record replayed by a hostile writer is one): the
+                # inversion worker announces the removal again
+                self.unannounced.add(negative)
                 return
             self.seen_ids.add(negative)
             if value is None:
@@ -125,10 +148,11 @@ class NegativeFollower:
                 if record.id != negative:
                     raise ValueError(f"key {negative} carries record {record.id}")
                 vector = record.vector.to_numpy(model_id=self.model_id, dim=self.bank.dim)
-                why = self.refuse(vector) if self.refuse is not None else None
-                if why is not None:
-                    raise ValueError(f"negative {negative} refused: {why}")
-                entry = InvertedNegative(record.id, record.deviation, record.origin, record.created, tuple(record.nearest_words))
+                try:
+                    degree = self.check.degree(vector)
+                except ValueError as exc:
+                    raise ValueError(f"negative {negative} refused: {exc}") from None
+                entry = InvertedNegative(record.id, degree, record.origin, record.created, tuple(record.nearest_words))
                 self.unannounced.update(self.bank.put(entry, vector))
             self.applied += 1
             self.last_applied_at = time.time()
@@ -146,7 +170,7 @@ class NegativeFollower:
         count = 0
         for records in poll_readable(self.consumer, timeout_ms, on_unreadable=self._unreadable).values():
             for r in records:
-                self.apply(r.key, r.value)
+                self.apply(r.key, r.value, r.headers)
                 count += 1
         return count
 

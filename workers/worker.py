@@ -17,7 +17,8 @@ from pipeline.bundle import load_bundle_with_model
 from schemas.settings import Settings
 from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter
 from workers.kafka_clients import make_consumer, make_producer
-from workers.negatives import NegativeFollower, inadmissible_to
+from workers.negatives import NegativeCheck, NegativeFollower
+from workers.signing import keys_from_settings
 from workers.ops import OpsServer, WorkerMetrics, configure_logging, get_logger
 
 
@@ -33,6 +34,7 @@ class BundleWorker(ABC):
         self.log = get_logger(self.role).bind(worker=self.name)
         self.stop_event = threading.Event()
         self.bundle, self.loaded = load_bundle_with_model(settings.worker.bundle, settings.model.device, settings.model.precision)
+        self.signer, self.verifier = keys_from_settings(settings.bank)
         self.metrics = WorkerMetrics(self.role)
         self.ops = OpsServer(self.metrics, settings.worker.http_host, settings.worker.http_port, self.status)
         self.bank: NegativeBank | None = None  # a subclass that follows ood.negatives sets it
@@ -77,6 +79,7 @@ class BundleWorker(ABC):
             "bank_digest": bank.digest() if bank is not None else "",
             "bank_sha256": bank.sha256() if bank is not None else "",
             "negatives_rejected": self.follower.rejected if self.follower is not None else 0,
+            "negatives_verify_key": self.verifier.fingerprint() if self.verifier is not None else None,
             "bank_ids": bank.ranked_ids() if bank is not None else [],
         }
 
@@ -144,9 +147,12 @@ class BundleWorker(ABC):
         self.log.info("starting", http_port=self.ops.port, model_id=self.loaded.model_id, bundle=str(s.worker.bundle), input=topic)
         try:
             if self.bank is not None:
+                if self.verifier is None:
+                    self.log.warning("negatives are not authenticated: anyone who can write to the topic can change this "
+                                     "worker's bank; set INTERNEG_BANK__VERIFY_KEY (see 'interneg keygen')", topic=s.topics.negatives)
                 self.follower = NegativeFollower(
-                    s.kafka, s.topics.negatives, self.bank, self.loaded.model_id, self.log, refuse=inadmissible_to(self.bundle),
-                    on_rejected=self.metrics.negatives_rejected.inc,
+                    s.kafka, s.topics.negatives, self.bank, self.loaded.model_id, self.log, check=NegativeCheck.of(self.bundle),
+                    verifier=self.verifier, on_rejected=self.metrics.negatives_rejected.inc,
                 )
                 applied = self.follower.catch_up(beat=self.ops.beat)
                 self._bank_metrics()

@@ -235,6 +235,8 @@ class OpsServer:
         self.stale_after_s = stale_after_s
         self._last_beat = time.monotonic()
         self._readiness: tuple[bool, str] = (False, "starting")  # one tuple: read and written atomically
+        self._holds: dict[str, str] = {}  # name -> reason: each keeps /readyz at 503 whatever set_ready says; replaced whole
+        self._holds_lock = threading.Lock()
         self._bound_port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -247,6 +249,17 @@ class OpsServer:
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self._readiness = (ready, reason or ("ready" if ready else "not ready"))
 
+    def hold(self, name: str, reason: str | None) -> None:
+        """Not ready because of ``reason`` (None: no longer), under ``name``, independently of
+        ``set_ready`` and of other names: e.g. a missing topic, next to a stall."""
+        with self._holds_lock:
+            holds = dict(self._holds)
+            if reason is None:
+                holds.pop(name, None)
+            else:
+                holds[name] = reason
+            self._holds = holds
+
     # -- probe side
 
     def health(self) -> tuple[int, dict]:
@@ -257,6 +270,9 @@ class OpsServer:
 
     def readiness(self) -> tuple[int, dict]:
         ready, reason = self._readiness
+        holds = list(self._holds.values())
+        if holds:
+            return 503, {"status": "not ready", "reason": "; ".join(([] if ready else [reason]) + holds)}
         return (200, {"status": "ready"}) if ready else (503, {"status": "not ready", "reason": reason})
 
     def status(self) -> dict:

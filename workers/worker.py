@@ -20,6 +20,7 @@ from workers.kafka_clients import make_consumer, make_producer
 from workers.negatives import NegativeCheck, NegativeFollower
 from workers.signing import keys_from_settings
 from workers.ops import OpsServer, WorkerMetrics, configure_logging, get_logger
+from workers.topic_watch import TopicWatch
 
 
 
@@ -139,12 +140,18 @@ class BundleWorker(ABC):
         for topic in {tp.topic for tp in lag}:
             self.metrics.group_lag.labels(topic=topic).set(sum(n for tp, n in lag.items() if tp.topic == topic))
 
+    def watch_topics(self, topic: str) -> TopicWatch:
+        """Not ready while the input topic, or the negatives topic a follower reads, does not exist (issue 11)."""
+        negatives = {self.settings.topics.negatives: "negatives"} if self.follower is not None else {}
+        return TopicWatch(self.settings.kafka, {topic: "input", **negatives}, self.ops, self.log, self.metrics).start()
+
     def serve(self) -> None:
         """Catch up with the negatives, report ready, run batches until SIGTERM, drain, stop."""
         s = self.settings
         topic, group, batch_size = self.input()
         self.ops.start()
         self.log.info("starting", http_port=self.ops.port, model_id=self.loaded.model_id, bundle=str(s.worker.bundle), input=topic)
+        watch: TopicWatch | None = None
         try:
             if self.bank is not None:
                 if self.verifier is None:
@@ -182,8 +189,11 @@ class BundleWorker(ABC):
                 on_unreadable=lambda unreadable: self.metrics.unreadable.labels(topic=unreadable.partition.topic).inc(),
             )
             self.ops.set_ready(True)
+            watch = self.watch_topics(topic)
             loop.run()
         finally:
+            if watch is not None:
+                watch.stop()
             self.ops.set_ready(False, reason="stopping")
             if self.follower is not None:
                 self.follower.close()

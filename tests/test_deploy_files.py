@@ -401,22 +401,71 @@ def test_the_deployments_set_what_a_container_needs():
     assert setting_field("INTERNEG_WORKER__NO_SUCH_THING") is None
 
 
+def secret_keys() -> dict[str, set[str]]:
+    return {o["metadata"]["name"]: set(o.get("stringData", {})) | set(o.get("data", {})) for o in k8s_objects() if o["kind"] == "Secret"}
+
+
 def test_secret_references_resolve():
-    secret = k8s_object("Secret", "interneg-kafka")
-    keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
+    keys = secret_keys()
     for obj in k8s_objects():
         if obj["kind"] in ("Deployment", "Job"):
-            for container in obj["spec"]["template"]["spec"]["containers"]:
+            pod = obj["spec"]["template"]["spec"]
+            for container in pod["containers"]:
                 for env in container.get("env", []):
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     if ref:
-                        assert ref["name"] == "interneg-kafka" and ref["key"] in keys, env
+                        assert ref["key"] in keys.get(ref["name"], set()), env
                 for source in container.get("envFrom", []):
                     if "configMapRef" in source:
                         k8s_object("ConfigMap", source["configMapRef"]["name"])
+            for volume in pod.get("volumes", []):
+                if "secret" in volume:
+                    items = {i["key"] for i in volume["secret"].get("items", [])}
+                    assert items <= keys.get(volume["secret"]["secretName"], set()) and volume["secret"]["secretName"] in keys, volume
     auth = k8s_object("TriggerAuthentication", "interneg-kafka")
     for ref in auth["spec"]["secretTargetRef"]:
-        assert ref["name"] == "interneg-kafka" and ref["key"] in keys, ref
+        assert ref["key"] in keys.get(ref["name"], set()), ref
+
+
+def test_each_role_has_its_own_kafka_user_and_only_the_inversion_worker_holds_the_signing_key():
+    """What deploy/kafka/acls allows is per principal: sharing one user would give the scoring
+    workers the right to write negatives. And a scoring worker that could read the signing key
+    could sign a forged negative every other worker would accept."""
+    def user_secret(deployment_name: str) -> str:
+        (container,) = k8s_object("Deployment", deployment_name)["spec"]["template"]["spec"]["containers"]
+        (ref,) = [e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if e["name"] == "INTERNEG_KAFKA__SASL_PLAIN_USERNAME"]
+        return ref
+
+    users = {name: user_secret(name) for name in ("interneg-score-worker", "interneg-invert-worker")}
+    assert len(set(users.values())) == 2, users
+    acl_principals = {line.split()[0] for line in (ROOT / "deploy" / "kafka" / "acls").read_text().splitlines()
+                      if line.strip() and not line.startswith("#")}
+    for secret in users.values():
+        assert f"User:{k8s_object('Secret', secret)['stringData']['username']}" in acl_principals, secret
+
+    def mounted_key_files(deployment_name: str) -> set[str]:
+        pod = k8s_object("Deployment", deployment_name)["spec"]["template"]["spec"]
+        files = set()
+        for volume in pod["volumes"]:
+            if volume.get("secret", {}).get("secretName") == "interneg-negatives-keys":
+                items = volume["secret"].get("items")
+                files |= {i["path"] for i in items} if items else secret_keys()["interneg-negatives-keys"]
+        return files
+
+    assert mounted_key_files("interneg-score-worker") == {"negatives-verify.pem"}
+    assert mounted_key_files("interneg-invert-worker") == {"negatives-signing.pem", "negatives-verify.pem"}
+    config = k8s_object("ConfigMap", "interneg-config")["data"]
+    assert config["INTERNEG_BANK__VERIFY_KEY"].endswith("/negatives-verify.pem")
+    assert "INTERNEG_BANK__SIGNING_KEY" not in config  # set on the inversion worker alone
+    (inverter,) = k8s_object("Deployment", "interneg-invert-worker")["spec"]["template"]["spec"]["containers"]
+    assert any(e["name"] == "INTERNEG_BANK__SIGNING_KEY" for e in inverter["env"])
+    # compose: the same split, through its secrets
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert services["score-worker"]["secrets"] == ["negatives-verify"]
+    assert set(services["invert-worker"]["secrets"]) == {"negatives-verify", "negatives-signing"}
+    assert "INTERNEG_BANK__SIGNING_KEY" not in services["score-worker"]["environment"]
+    assert services["invert-worker"]["environment"]["INTERNEG_BANK__SIGNING_KEY"] == "/run/secrets/negatives-signing"
+    assert services["score-worker"]["environment"]["INTERNEG_BANK__VERIFY_KEY"] == "/run/secrets/negatives-verify"
 
 
 # ------------------------------------------------------------------ probes, ports, scaling

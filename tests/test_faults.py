@@ -72,6 +72,21 @@ KILL_AT = (0.2, 0.45, 0.7)  # fractions of the stream committed when scorer-a is
 RATE = 200  # frames/s of the stream
 
 
+def refused_records(log_path) -> int:
+    """Records of the batches whose commit a worker's log (every process of that name) says was refused or skipped."""
+    total = 0
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") in (
+            "commit refused after rebalance", "commit skipped: broker unreachable", "commit skipped: partitions moved to another member"
+        ):
+            total += int(event.get("records", 0))
+    return total
+
+
 @pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
 def test_three_kill_9s_of_a_scoring_worker_lose_no_frame(stream_settings, tiny_bundle_dir, workers, exactly_once):
     s = stream_settings
@@ -133,10 +148,14 @@ def test_three_kill_9s_of_a_scoring_worker_lose_no_frame(stream_settings, tiny_b
     if exactly_once:
         assert duplicated == 0  # read_committed readers see each frame's score exactly once
     else:
-        # redone batches only: at most the three batches a killed worker had in flight, and
-        # the three of the survivor whose commits a rebalance refused (one rebalance when
-        # scorer-a is declared dead, one when it rejoins), per kill
-        assert duplicated <= len(KILL_AT) * 3 * (3 + 3) * s.worker.batch_size
+        # redone batches only, each explained: the two a killed worker may have sent without
+        # committing (one awaiting its acks, the next already sent: see BatchLoop), and every
+        # batch whose commit a worker logged as refused or skipped (a fixed bound, such as the
+        # 1,728 of 10,000 once here, could not fail: this one fails on any unexplained duplicate)
+        explained = refused_records(a.log_path) + refused_records(b.log_path)
+        print(f"  duplicates explained: {len(KILL_AT)} kills x 2 batches of {s.worker.batch_size}, "
+              f"{explained} records of refused or skipped commits")
+        assert duplicated <= len(KILL_AT) * 2 * s.worker.batch_size + explained
     assert b.process.poll() is None
 
 

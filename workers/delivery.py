@@ -18,6 +18,10 @@ can de-duplicate):
 | rebalance while a batch is in flight           | its commit is refused (CommitFailedError or                |
 |                                                | RebalanceInProgressError, logged); the new owner           |
 |                                                | re-processes it: duplicates, no loss                       |
+| a rebalance completed after the batch was      | the offsets of partitions it lost are not committed        |
+| polled, moving some of its partitions          | (logged with the records concerned): the new owner redoes  |
+|                                                | them from the committed offset, which a late commit here   |
+|                                                | could move back behind the new owner's                     |
 | a commit was refused, and the member is stable | that poll's records are dropped and every owned partition  |
 | again                                          | is sought to its committed offset: the refused batch is    |
 |                                                | redone here if this member kept its partition (else        |
@@ -673,10 +677,24 @@ class BatchLoop:
         return stats
 
     def _commit_offsets(self, batch: list[ConsumerRecord]) -> bool:
+        offsets = next_offsets(batch)
+        owned = self.consumer.assignment()
+        moved = [r for r in batch if TopicPartition(r.topic, r.partition) not in owned]
+        if moved:
+            # A rebalance completed since this batch was polled and gave some of its partitions
+            # to another member, which resumed from their committed offsets: it redoes these
+            # records whatever happens here. The broker would still take this member's commit
+            # (the generation is current), and could move a committed offset back behind what
+            # the new owner has committed since: more records redone at the next rebalance.
+            offsets = {tp: o for tp, o in offsets.items() if tp in owned}
+            if self.log is not None:
+                self.log.warning("commit skipped: partitions moved to another member", records=len(moved))
+            if not offsets:
+                return False
         deadline = time.monotonic() + COMMIT_RETRY_S
         while True:
             try:
-                self.consumer.commit(next_offsets(batch))
+                self.consumer.commit(offsets)
                 return True
             except COMMIT_REFUSED as exc:  # a rebalance: the batch is redone by whoever owns it next
                 self._refused = True  # here too, if this member keeps the partition (see _poll)

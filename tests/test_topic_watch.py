@@ -11,7 +11,10 @@ import urllib.request
 from kafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 from prometheus_client.parser import text_string_to_metric_families
 
+from test_faults import admissible_negative
 from workers.kafka_clients import make_admin
+from workers.producer import produce_records
+from workers.signing import NegativeSigner
 from workers.ops import OpsServer, WorkerMetrics
 from workers.topic_watch import KAFKA_UNKNOWN_TOPIC, TopicWatch
 from workers.topics import ensure_topics
@@ -114,6 +117,13 @@ def test_kafka_python_lines_about_a_watched_topic_are_quiet_while_the_watch_runs
         "Topic other not found in cluster metadata", "Topic frames not found in cluster metadata"]
 
 
+def until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.3)
+
+
 def readyz(worker) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}/readyz", timeout=5) as r:
@@ -164,6 +174,11 @@ def test_deleted_topics_fail_readiness_until_they_exist_again(stream_settings, t
     negatives, frames = s.topics.negatives, s.topics.frames
     scorer = workers("score-worker", s, "scorer-topics")
     scorer.wait_ready()
+    # one negative in the bank, so the topic made again (empty) must empty it
+    negative = admissible_negative(tiny_bundle_dir, "before-deletion", seed=5)
+    key, value = str(negative.id).encode(), negative.to_bytes()
+    produce_records(s, [(key, value, NegativeSigner.from_file(s.bank.signing_key).sign(negatives, key, value))], topic=negatives)
+    until(lambda: scorer.status()["bank_ids"] == [negative.id], 30, "the negative applied")
 
     admin = make_admin(s.kafka)
     try:
@@ -189,3 +204,6 @@ def test_deleted_topics_fail_readiness_until_they_exist_again(stream_settings, t
     assert watch_lines(scorer, "exists again") == {negatives: 1, frames: 1}, scorer.log_tail(30)
     assert watch_lines(scorer, "does not exist") == {negatives: 1, frames: 1}
     assert missing_gauge(scorer) == {frames: 0, negatives: 0}
+    # the bank is the new topic's (empty), as a worker started now would hold: not the old one's
+    until(lambda: scorer.status()["bank_ids"] == [], 30, "the bank emptied after the negatives topic was made again")
+    assert scorer.process.poll() is None

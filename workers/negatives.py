@@ -109,6 +109,7 @@ class NegativeFollower:
         # those tombstones (see InversionWorker.restore_bound)
         self.unannounced: set[int] = set()
         self.last_applied_at: float | None = None
+        self._positions: dict[TopicPartition, int] = {}  # after the last poll: a later one lower means the topic was made again
         self.consumer = make_consumer(kafka, group_id=None, isolation_level="read_committed")
         self.partitions = [TopicPartition(topic, p) for p in sorted(self._partitions(topic))]
         self.consumer.assign(self.partitions)
@@ -172,7 +173,28 @@ class NegativeFollower:
             for r in records:
                 self.apply(r.key, r.value, r.headers)
                 count += 1
+        if self._rewound():
+            self.bank.reset()
+            self.restart()
         return count
+
+    def _rewound(self) -> bool:
+        """A position moved back: the topic was deleted and made again (the client resets a
+        position past the new end to the beginning). The bank must then be the new topic's,
+        as a worker started now would hold, not the old one's."""
+        rewound = False
+        for tp in self.partitions:
+            position = self.consumer.position(tp, timeout_ms=200)
+            if position is None:  # being reset right now: looked at again next poll
+                continue
+            if position < self._positions.get(tp, 0):
+                rewound = True
+                if self.log is not None:
+                    self.log.warning("negatives topic starts again from an earlier offset (deleted and made again?): "
+                                     "re-reading it into an empty bank", topic=tp.topic, partition=tp.partition,
+                                     offset=position, was=self._positions[tp])
+            self._positions[tp] = position
+        return rewound
 
     def _unreadable(self, unreadable) -> None:
         self._reject("negative record skipped: the Kafka client cannot decode it", offset=unreadable.offset, error=unreadable.error)
@@ -197,6 +219,7 @@ class NegativeFollower:
         """Forget what was applied and read the topic from the beginning again."""
         self.seen_ids.clear()
         self.unannounced.clear()
+        self._positions.clear()
         self.consumer.seek_to_beginning(*self.partitions)
 
     def close(self) -> None:

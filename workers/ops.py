@@ -153,7 +153,7 @@ class WorkerMetrics:
             "interneg_consumer_renewals", "Kafka consumers replaced after a stall (liveness watch)", registry=r
         )
         self.negatives_rejected = Counter(
-            "interneg_negatives_rejected", "records of the negatives topic refused (malformed, foreign, inadmissible)", registry=r
+            "interneg_negatives_rejected", "records of the negatives topic refused (unsigned or badly signed, malformed, foreign, inadmissible)", registry=r
         )
 
         # Known label values start at 0 so rate() and absent-series alerts work before the first event.

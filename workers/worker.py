@@ -99,7 +99,8 @@ class BundleWorker(ABC):
 
     def between_batches(self) -> None:
         self.ops.beat()
-        if self.follower is not None and self.follower.poll():
+        if self.follower is not None:
+            self.follower.poll()
             self._bank_metrics()
 
     def on_stall(self, stall: Stall | None) -> None:

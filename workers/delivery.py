@@ -139,6 +139,10 @@ class Output:
     key: bytes | None
     value: bytes | None  # None is a tombstone on a compacted topic
     headers: Headers = field(default_factory=list)
+    source: ConsumerRecord | None = field(default=None, compare=False)  # the input it is made from, if one
+
+    def size(self) -> int:
+        return len(self.key or b"") + len(self.value or b"") + _headers_size(self.headers)
 
 
 # Room kept below the record size limit for the record batch's and each field's framing.
@@ -147,6 +151,28 @@ RECORD_OVERHEAD_BYTES = 4096
 
 def _headers_size(headers: Headers) -> int:
     return sum(len(k.encode("utf-8", "surrogateescape")) + len(v or b"") + 10 for k, v in headers)
+
+
+def fitting(outputs: list[Output], max_bytes: int, reject: Callable[[ConsumerRecord, str, str], Output]) -> list[Output]:
+    """The outputs, except that an input with an output over the record size limit gets a dead
+    letter instead of all its outputs (``reject(record, reason, detail)``).
+
+    The producer refuses such a record at send time, which fails the whole batch: the worker
+    would exit and meet the same input at every restart. An output made from no one input
+    (a tombstone, say) that does not fit is a defect here, and raises.
+    """
+    limit = max_bytes - RECORD_OVERHEAD_BYTES
+    oversized = [o for o in outputs if o.size() > limit]
+    if not oversized:
+        return outputs
+    refused: dict[tuple, tuple[ConsumerRecord, Output]] = {}
+    for o in oversized:
+        if o.source is None:
+            raise ValueError(f"an output to {o.topic} of {o.size()} bytes exceeds the record size limit {max_bytes}")
+        refused.setdefault((o.source.topic, o.source.partition, o.source.offset), (o.source, o))
+    kept = [o for o in outputs if o.source is None or (o.source.topic, o.source.partition, o.source.offset) not in refused]
+    return kept + [reject(record, "output-too-large", f"its {o.topic} record would be {o.size()} bytes, over the limit of {limit}")
+                   for record, o in refused.values()]
 
 
 def dead_letter(topic: str, record: ConsumerRecord, reason: str, detail: str, worker: str,

@@ -266,10 +266,10 @@ class ScoringWorker(BundleWorker):
                 timings=timings,
             )
             key = frame.frame_id.encode()
-            outputs.append(Output(t.scores, key, FrameScore(**message).to_bytes()))
+            outputs.append(Output(t.scores, key, FrameScore(**message).to_bytes(), source=r))
             self.metrics.frames.labels(outcome="scored").inc()
             if score < threshold:
-                outputs.append(Output(t.alerts, key, OODAlert(**message).to_bytes()))
+                outputs.append(Output(t.alerts, key, OODAlert(**message).to_bytes(), source=r))
                 self.metrics.frames.labels(outcome="alert").inc()
             if self.wants_candidates and score < self.settings.method.beta:
                 candidate = Candidate(
@@ -280,7 +280,7 @@ class ScoringWorker(BundleWorker):
                     embedding=Vector.from_numpy(emb[i], self.loaded.model_id),
                     created_ms=now_ms,
                 )
-                outputs.append(Output(t.candidates, key, candidate.to_bytes()))
+                outputs.append(Output(t.candidates, key, candidate.to_bytes(), source=r))
                 self.metrics.frames.labels(outcome="candidate").inc()
             if frame.ts_ms is not None:
                 self.metrics.end_to_end_seconds.observe(max(0.0, now_ms - frame.ts_ms) / 1000)

@@ -15,7 +15,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
 from schemas.settings import Settings
-from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter
+from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter, fitting
 from workers.kafka_clients import make_consumer, make_producer
 from workers.negatives import NegativeCheck, NegativeFollower
 from workers.signing import keys_from_settings
@@ -87,6 +87,9 @@ class BundleWorker(ABC):
     def transactional_id(self) -> str:
         """Stable across restarts of a worker with the same name, so a restart aborts the dead one's transaction."""
         return f"{self.settings.kafka.client_id}-{self.role}-{self.name}"
+
+    def _handle_fitting(self, records: list[ConsumerRecord], prepared=None) -> list[Output]:
+        return fitting(self.handle(records, prepared), self.settings.kafka.max_message_bytes, self.reject)
 
     def reject(self, record: ConsumerRecord, reason: str, detail: str) -> Output:
         self.metrics.deadletters.labels(reason=reason).inc()
@@ -173,7 +176,7 @@ class BundleWorker(ABC):
             self.loop = loop = BatchLoop(
                 new_consumer(),
                 make_producer(s.kafka, **(transactional if s.worker.exactly_once else {})),
-                self.handle,
+                self._handle_fitting,
                 prepare=self.prepare_ahead,
                 batch_size=batch_size,
                 batch_timeout_ms=s.worker.batch_timeout_ms,

@@ -3,11 +3,12 @@
 Every ``make_*`` of :mod:`workers.kafka_clients` first checks the security set-up once (:func:`check_security`): one
 connection to the first reachable bootstrap server that does what a kafka-python client
 would do first (TLS handshake, ApiVersions, SASL handshake and authentication, or a
-Metadata request). kafka-python 3.0.12 itself treats a refused login, a failed TLS
-handshake or a listener speaking another protocol as a lost connection: its bootstrap
-reconnects with backoff until ``bootstrap_timeout_ms`` (30 s) and then raises
-``KafkaTimeoutError('Unable to bootstrap ...')``, which names none of these causes, and
-the broker sees a login attempt on every try. The check turns them into one
+Metadata request); SASL logins with PLAIN or SCRAM-SHA-256/512 (the whole SCRAM exchange,
+the broker's proof included), over SASL_PLAINTEXT or SASL_SSL. kafka-python 3.0.12 itself
+treats a refused login, a failed TLS handshake or a listener speaking another protocol as
+a lost connection: its bootstrap reconnects with backoff until ``bootstrap_timeout_ms``
+(30 s) and then raises ``KafkaTimeoutError('Unable to bootstrap ...')``, which names none
+of these causes, and the broker sees a login attempt on every try. The check turns them into one
 :class:`KafkaAuthError` / :class:`KafkaSecurityError` (``ValueError``s: the CLI prints
 one ``error:`` line and exits 2) after a single attempt.
 """
@@ -28,6 +29,7 @@ from schemas.settings import KafkaSettings
 ENV = "INTERNEG_KAFKA__"
 PROBE_TIMEOUT_S = 10.0  # per socket operation of the check, at most (request_timeout_ms if lower)
 METADATA_API_KEY = 3
+PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")  # kafka-python's sasl_plain_username/_password
 EXPECTS = {  # what a listener that hangs up on this protocol probably wants instead
     "PLAINTEXT": "SASL or TLS",
     "SASL_PLAINTEXT": "TLS",
@@ -116,7 +118,9 @@ class _Probe:
         kafka = self.kafka
         mechanism_name = kafka.sasl_mechanism
         if not mechanism_name:
-            raise KafkaSecurityError(f"security protocol {kafka.security_protocol} needs {ENV}SASL_MECHANISM (e.g. PLAIN)")
+            raise KafkaSecurityError(f"security protocol {kafka.security_protocol} needs {ENV}SASL_MECHANISM (e.g. PLAIN or SCRAM-SHA-512)")
+        if mechanism_name in PASSWORD_MECHANISMS and not (kafka.sasl_plain_username and kafka.sasl_plain_password):
+            raise KafkaSecurityError(f"SASL mechanism {mechanism_name} needs {ENV}SASL_PLAIN_USERNAME and {ENV}SASL_PLAIN_PASSWORD")
         try:
             mechanism = get_sasl_mechanism(mechanism_name)(host=self.host, **self.options)
         except (Errors.KafkaConfigurationError, ValueError, KeyError, ImportError) as exc:
@@ -135,7 +139,13 @@ class _Probe:
             answer = self.call(SaslAuthenticateRequest(version=1, auth_bytes=mechanism.auth_bytes()))
             if answer.error_code:
                 raise KafkaAuthError(self._auth_message(mechanism_name, answer.error_message))
-            mechanism.receive(answer.auth_bytes)
+            try:
+                mechanism.receive(answer.auth_bytes)
+            except (ValueError, KeyError, IndexError) as exc:  # SCRAM: a malformed answer, or a server proof that does not verify
+                raise KafkaSecurityError(
+                    f"Kafka at {self.where} gave a SASL {mechanism_name} answer that does not verify ({exc!r}): "
+                    f"it may not be the broker that holds these credentials; check the bootstrap address"
+                ) from None
         if not mechanism.is_authenticated():
             raise KafkaAuthError(self._auth_message(mechanism_name, "the broker's final answer did not verify"))
 

@@ -23,6 +23,17 @@ class ImageRejected(ValueError):
 
 MAX_ASPECT_RATIO = 20.0
 FORMAT_OF = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}  # content type -> Pillow's format
+# What a frame on the stream may be, whatever it declares: Pillow would otherwise open some
+# forty formats (BMP, TIFF, ICO, PCX, SGI, DDS, ...), each its own decoder to trust, and hand
+# EPS to Ghostscript, an interpreter.
+STREAM_FORMATS = tuple(FORMAT_OF.values())
+
+
+def file_formats() -> tuple[str, ...]:
+    """What a local image file (a class example, an evaluation set) may be: any format
+    Pillow reads but the ones it hands to an external program."""
+    Image.init()
+    return tuple(f for f in Image.OPEN if f not in ("EPS",))
 
 
 def check_dimensions(width: int, height: int, *, max_pixels: int, max_aspect_ratio: float) -> None:
@@ -34,7 +45,8 @@ def check_dimensions(width: int, height: int, *, max_pixels: int, max_aspect_rat
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_side: int | None = None,
-                 max_aspect_ratio: float = MAX_ASPECT_RATIO, content_type: str | None = None) -> Image.Image:
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO, content_type: str | None = None,
+                 formats: tuple[str, ...] | None = STREAM_FORMATS) -> Image.Image:
     """Bytes -> RGB PIL image, upright by its EXIF orientation, checking sizes before the
     pixels are decoded.
 
@@ -42,7 +54,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_si
     a 1 x 60,000 image (a few hundred bytes of PNG, within the pixel limit) would become
     224 x 13 million pixels before the crop. With ``draft_short_side``, a JPEG is decoded at
     the smallest DCT scale that keeps its shortest side at least that long (see
-    :mod:`pipeline.preprocess`). With a declared ``content_type``, the bytes must be that format.
+    :mod:`pipeline.preprocess`). With a declared ``content_type``, the bytes must be that format;
+    in any case one of ``formats`` (Pillow's names; None: every format Pillow opens).
     """
     if len(data) == 0:
         raise ImageRejected("empty", "zero bytes")
@@ -51,7 +64,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_si
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=formats)
             declared = FORMAT_OF.get(content_type) if content_type is not None else None
             if declared is not None and image.format != declared:
                 raise ImageRejected("content-type-mismatch", f"declared {content_type}, the bytes are {image.format or 'unknown'}")
@@ -63,7 +76,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_si
     except ImageRejected:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageRejected("not-an-image", "unrecognised image format") from exc
+        allowed = f": one of {', '.join(formats)} expected" if formats is not None and len(formats) < 10 else ""
+        raise ImageRejected("not-an-image", f"unrecognised image format{allowed}") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too-many-pixels", str(exc)) from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -77,7 +91,7 @@ def load_image_file(path: Path, *, max_bytes: int, max_pixels: int) -> Image.Ima
         size = path.stat().st_size
         if size > max_bytes:
             raise ImageRejected("too-large", f"{size} bytes > limit {max_bytes}")
-        return decode_image(path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels)
+        return decode_image(path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels, formats=file_formats())
     except ImageRejected as exc:
         raise ImageRejected(exc.reason, f"{path}: {exc.detail}") from exc
     except OSError as exc:

@@ -73,3 +73,26 @@ def test_the_declared_content_type_must_match_the_bytes():
     assert info.value.reason == "content-type-mismatch" and info.value.detail == "declared image/jpeg, the bytes are PNG"
     assert decode_image(encoded(fmt="PNG"), **LIMITS, content_type="image/png").size == (64, 48)
     assert decode_image(encoded(fmt="WEBP"), **LIMITS).size == (64, 48)  # nothing declared: any supported format
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF", "PPM", "TGA", "PCX", "SGI", "DDS"])
+def test_a_frame_is_jpeg_png_or_webp_whatever_else_pillow_could_open(fmt, tmp_path):
+    """Found by the generated hostile records: without a content-type, BMP, TIFF, ICO ... frames were
+    decoded (each format a decoder of its own to trust); a local file may still be any of them."""
+    data = encoded(fmt=fmt)
+    with pytest.raises(ImageRejected) as info:
+        decode_image(data, **LIMITS)
+    assert info.value.reason == "not-an-image" and "JPEG, PNG, WEBP" in info.value.detail
+    path = tmp_path / f"example.{fmt.lower()}"
+    path.write_bytes(data)
+    assert load_image_file(path, **LIMITS).size == (64, 48)
+
+
+def test_eps_is_never_handed_to_ghostscript(tmp_path):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    path = tmp_path / "x.eps"
+    path.write_bytes(eps)
+    for decode in (lambda: decode_image(eps, **LIMITS), lambda: load_image_file(path, **LIMITS)):
+        with pytest.raises(ImageRejected) as info:
+            decode()
+        assert info.value.reason == "not-an-image"

@@ -7,7 +7,7 @@ Each model carries ``version``; a reader refuses versions it does not know.
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
@@ -32,6 +32,13 @@ H_DL_TRUNCATED = "x-dl-truncated"  # what of the original did not fit: "value 16
 
 # Negatives header (topic `ood.negatives`): the inversion worker's Ed25519 signature (workers/signing.py).
 H_SIGNATURE = "x-signature"
+
+
+# A frame or camera id as it travels in JSON: what parse_frame accepts from a frame's headers,
+# so a record carrying a longer one was not written by a scoring worker (and the inversion
+# worker would fail to carry it into a negative's origin).
+MAX_ID_LENGTH = 256
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 
 
 class Message(BaseModel):
@@ -106,8 +113,8 @@ class Timings(BaseModel):
 class FrameScore(Message):
     """Topic ``ood.scores`` (and, for OOD verdicts, ``ood.alerts``), keyed by frame id."""
 
-    frame_id: str
-    camera_id: str
+    frame_id: Identifier
+    camera_id: Identifier
     ts_ms: int | None = None  # when the camera took it (header), if given
     source: SourceRef
     method: str
@@ -132,8 +139,8 @@ class OODAlert(FrameScore):
 class Candidate(Message):
     """Topic ``ood.candidates``: a confidently-OOD frame's embedding, for inversion."""
 
-    frame_id: str
-    camera_id: str
+    frame_id: Identifier
+    camera_id: Identifier
     source: SourceRef
     score: float
     embedding: Vector
@@ -146,6 +153,6 @@ class NegativeRecord(Message):
     id: int = Field(ge=0, lt=2**63)  # FAISS ids are int64
     vector: Vector
     deviation: float = Field(allow_inf_nan=False)
-    origin: str = Field(max_length=256)  # the frame id it was inverted from
+    origin: str = Field(max_length=MAX_ID_LENGTH)  # the frame id it was inverted from
     created: float = Field(allow_inf_nan=False)  # unix seconds
     nearest_words: list[str] = Field(default=[], max_length=16)

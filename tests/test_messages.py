@@ -48,3 +48,18 @@ def test_unknown_versions_and_fields_are_refused():
         Candidate.model_validate({**payload, "pickle": "no"})
     with pytest.raises(ValidationError):
         FrameScore.from_bytes(b"not json")
+
+
+def test_ids_in_scores_and_candidates_are_bounded_as_a_frames_headers_are():
+    """Found by the generated hostile records: a candidate with a 257-character frame id was
+    read, inverted, and then crashed the inversion worker making the negative's origin."""
+    import pydantic
+
+    from schemas.messages import MAX_ID_LENGTH, Candidate
+
+    good = dict(camera_id="cam", source={"topic": "frames", "partition": 0, "offset": 1}, score=0.1, created_ms=0,
+                embedding=Vector.from_numpy(np.ones(4, np.float32) / 2, "m"))
+    assert Candidate(frame_id="x" * MAX_ID_LENGTH, **good).frame_id
+    for bad in ("x" * (MAX_ID_LENGTH + 1), "中" * 300, ""):
+        with pytest.raises(pydantic.ValidationError):
+            Candidate(frame_id=bad, **good)

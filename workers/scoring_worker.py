@@ -24,6 +24,7 @@ from schemas.messages import (
     H_CONTENT_TYPE,
     H_FRAME_ID,
     H_TS,
+    MAX_ID_LENGTH,
     Candidate,
     FrameScore,
     OODAlert,
@@ -36,7 +37,6 @@ from schemas.settings import Settings
 from workers.delivery import Output, header
 from workers.worker import BundleWorker
 
-MAX_ID_LENGTH = 256
 MAX_KEY_BYTES = 1024
 MAX_TS_MS = 2**63 - 1  # what a Kafka timestamp (int64) can hold
 

@@ -140,9 +140,12 @@ class NegativeFollower:
                 # inversion worker announces the removal again
                 self.unannounced.add(negative)
                 return
-            self.seen_ids.add(negative)
+            # an id counts as seen once a valid record of it changed the bank, not before: a record
+            # that is refused, or a tombstone of an id never put, must not keep a later genuine
+            # negative of that id out (ids are predictable: negative_id of a frame id)
             if value is None:
-                self.bank.remove(negative)
+                if self.bank.remove(negative):
+                    self.seen_ids.add(negative)
                 self.unannounced.discard(negative)
             else:
                 record = NegativeRecord.from_bytes(value)
@@ -155,6 +158,7 @@ class NegativeFollower:
                     raise ValueError(f"negative {negative} refused: {exc}") from None
                 entry = InvertedNegative(record.id, degree, record.origin, record.created, tuple(record.nearest_words))
                 self.unannounced.update(self.bank.put(entry, vector))
+                self.seen_ids.add(negative)
             self.applied += 1
             self.last_applied_at = time.time()
         except ValueError as exc:  # a malformed or foreign record never reaches the bank (ValidationError is one)

@@ -35,3 +35,14 @@ def test_outputs_that_fit_pass_untouched_and_one_from_no_input_that_does_not_is_
     assert fitting(outputs, LIMIT, reject) is outputs
     with pytest.raises(ValueError, match="exceeds the record size limit"):
         fitting([Output("negatives", b"7", b"x" * 2000)], LIMIT, reject)
+
+
+def test_a_dead_letter_carries_only_its_own_x_dl_headers():
+    """Found by the generated hostile records: a frame bringing its own x-dl-reason or
+    x-dl-source-offset got two of each, and readers take the first (the forged) one."""
+    forged = ConsumerRecord("frames", 3, 0, 41, 0, 0, b"cam", b"jpeg",
+                            [("frame-id", b"f"), ("x-dl-reason", b"nothing-wrong"), ("x-dl-source-offset", b"7")], None, 3, 4, -1)
+    dl = dead_letter("dl", forged, "corrupt", "bad bytes", "w", LIMIT)
+    names = [k for k, _ in dl.headers]
+    assert names.count("x-dl-reason") == 1 and names.count("x-dl-source-offset") == 1 and "frame-id" in names
+    assert dict(dl.headers)["x-dl-reason"] == b"corrupt" and dict(dl.headers)["x-dl-source-offset"] == b"41"

@@ -153,6 +153,9 @@ def _headers_size(headers: Headers) -> int:
     return sum(len(k.encode("utf-8", "surrogateescape")) + len(v or b"") + 10 for k, v in headers)
 
 
+DL_PREFIX = "x-dl-"
+
+
 def fitting(outputs: list[Output], max_bytes: int, reject: Callable[[ConsumerRecord, str, str], Output]) -> list[Output]:
     """The outputs, except that an input with an output over the record size limit gets a dead
     letter instead of all its outputs (``reject(record, reason, detail)``).
@@ -191,7 +194,10 @@ def dead_letter(topic: str, record: ConsumerRecord, reason: str, detail: str, wo
         (H_DL_OFFSET, str(record.offset).encode()),
         (H_DL_WORKER, worker.encode()),
     ]
-    key, value, headers = record.key, record.value, list(record.headers or [])
+    # the original's own x-dl-* headers would stand before ours, and header() reads the first:
+    # a frame could forge where its dead letter came from, or why
+    key, value = record.key, record.value
+    headers = [(k, v) for k, v in record.headers or [] if not k.startswith(DL_PREFIX)]
     if max_bytes is None:
         return Output(topic, key, value, headers + extra)
     budget = max_bytes - RECORD_OVERHEAD_BYTES - _headers_size(extra) - 200  # 200: the truncation header

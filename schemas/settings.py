@@ -189,7 +189,8 @@ class WorkerSettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="INTERNEG_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+        env_prefix="INTERNEG_", env_nested_delimiter="__", env_file=".env", extra="ignore",
+        env_parse_none_str="null",  # INTERNEG_BANK__DEDUP_COS=null: no de-duplication (unset would mean the default)
     )
 
     profile: Profile = Field(

@@ -29,7 +29,9 @@ def settings_env(settings: Settings, prefix: str = "INTERNEG_") -> dict[str, str
                 walk(value, key + "__")
             elif isinstance(value, SecretStr):
                 env[key] = value.get_secret_value()  # the child needs the secret itself, not its mask
-            elif value is not None:
+            elif value is None:  # explicitly: unset would mean the default, or whatever the parent's environment says
+                env[key] = "null"
+            else:
                 env[key] = str(value) if not isinstance(value, bool) else ("true" if value else "false")
 
     walk(settings, prefix)

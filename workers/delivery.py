@@ -718,7 +718,11 @@ class BatchLoop:
             # records whatever happens here. The broker would still take this member's commit
             # (the generation is current), and could move a committed offset back behind what
             # the new owner has committed since: more records redone at the next rebalance.
+            # Mid-rebalance the assignment can also be empty for a moment and the partitions come
+            # back to this member: as after a refused commit, the member then resumes from the
+            # committed offsets once stable (_poll), so what it keeps is redone here.
             offsets = {tp: o for tp, o in offsets.items() if tp in owned}
+            self._refused = True
             if self.log is not None:
                 self.log.warning("commit skipped: partitions moved to another member", records=len(moved))
             if not offsets:

@@ -73,6 +73,12 @@ def make_consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **ex
     return consumer
 
 
-def make_admin(kafka: KafkaSettings) -> KafkaAdminClient:
-    check_security(kafka, connection_options(kafka))
-    return KafkaAdminClient(**connection_options(kafka))
+def make_admin(kafka: KafkaSettings, timeout_ms: int | None = None) -> KafkaAdminClient:
+    """An admin client; with ``timeout_ms``, each request and the first contact with the
+    brokers give up after that long at most (never longer than request_timeout_ms)."""
+    options = connection_options(kafka)
+    check_security(kafka, options)
+    if timeout_ms is not None:
+        timeout_ms = min(timeout_ms, kafka.request_timeout_ms)
+        options = {**options, "request_timeout_ms": timeout_ms, "bootstrap_timeout_ms": timeout_ms}
+    return KafkaAdminClient(**options)

@@ -22,24 +22,15 @@ from kafka.errors import UnknownTopicOrPartitionError
 from prometheus_client import Gauge
 
 from schemas.settings import KafkaSettings
-from workers.kafka_clients import connection_options
-from workers.kafka_security import check_security
+from workers.kafka_clients import make_admin
 
-__all__ = ["TopicWatch", "bounded_admin"]
+__all__ = ["TopicWatch"]
 
 # One metadata request, and the admin client's first contact with the brokers, at most this long.
 ADMIN_TIMEOUT_MS = 10000
 # What kafka-python logs (at ERROR) on every metadata refresh, ~10 a second, while a topic
 # one of its clients reads does not exist: the watch says it once instead (see _Quiet).
 KAFKA_UNKNOWN_TOPIC = "Topic %s not found in cluster metadata"
-
-
-def bounded_admin(kafka: KafkaSettings, timeout_ms: int = ADMIN_TIMEOUT_MS) -> KafkaAdminClient:
-    """An admin client whose every request (and its bootstrap) gives up after ``timeout_ms``."""
-    options = connection_options(kafka)
-    check_security(kafka, options)
-    timeout_ms = min(timeout_ms, kafka.request_timeout_ms)
-    return KafkaAdminClient(**{**options, "request_timeout_ms": timeout_ms, "bootstrap_timeout_ms": timeout_ms})
 
 
 class _Quiet(logging.Filter):
@@ -80,7 +71,7 @@ class TopicWatch:
         self.log = log
         self.period_s = period_s
         self.hold_name = hold_name
-        self._new_admin = admin or (lambda: bounded_admin(kafka))
+        self._new_admin = admin or (lambda: make_admin(kafka, ADMIN_TIMEOUT_MS))
         self._admin: KafkaAdminClient | None = None
         self._admin_lock = threading.Lock()
         self.missing: set[str] = set()

@@ -40,11 +40,19 @@ def signed_bytes(topic: str, key: bytes | None, value: bytes | None) -> bytes:
     return b"".join(len(part).to_bytes(8, "big") + part for part in parts)
 
 
-def _read_pem(path: Path, what: str) -> bytes:
+def _load_key(path: Path, what: str, form: str, load, expected: type):
+    """The Ed25519 key ``load`` reads from the PEM file at ``path``; ValueError naming the file otherwise."""
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    try:
+        key = load(data)
+    except (ValueError, TypeError):
+        raise ValueError(f"{path}: not {form} {what} (make one with 'interneg keygen')") from None
+    if not isinstance(key, expected):
+        raise ValueError(f"{path}: an Ed25519 {what} is needed, this is {type(key).__name__}")
+    return key
 
 
 class NegativeVerifier:
@@ -53,14 +61,7 @@ class NegativeVerifier:
 
     @classmethod
     def from_file(cls, path: Path) -> "NegativeVerifier":
-        data = _read_pem(path, "negatives verify key")
-        try:
-            key = serialization.load_pem_public_key(data)
-        except ValueError:
-            raise ValueError(f"{path}: not a PEM public key (make one with 'interneg keygen')") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError(f"{path}: an Ed25519 public key is needed, this is {type(key).__name__}")
-        return cls(key)
+        return cls(_load_key(path, "public key", "a PEM", serialization.load_pem_public_key, Ed25519PublicKey))
 
     def fingerprint(self) -> str:
         raw = self.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -88,14 +89,8 @@ class NegativeSigner:
 
     @classmethod
     def from_file(cls, path: Path) -> "NegativeSigner":
-        data = _read_pem(path, "negatives signing key")
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError):
-            raise ValueError(f"{path}: not an unencrypted PEM private key (make one with 'interneg keygen')") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path}: an Ed25519 private key is needed, this is {type(key).__name__}")
-        return cls(key)
+        return cls(_load_key(path, "private key", "an unencrypted PEM", lambda data: serialization.load_pem_private_key(data, password=None),
+                             Ed25519PrivateKey))
 
     def sign(self, topic: str, key: bytes | None, value: bytes | None) -> list[tuple[str, bytes]]:
         """The headers that carry the signature of this record."""

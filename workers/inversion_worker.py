@@ -15,7 +15,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
 from pipeline.inversion import TextInverter
-from pipeline.scorers import InterNegScorer
+from pipeline.scorers import scorer_from_bundle
 from pipeline.bank import NegativeBank
 from schemas.messages import Candidate
 from schemas.settings import Settings
@@ -75,11 +75,9 @@ class InversionWorker(BundleWorker):
                              "INTERNEG_BANK__SIGNING_KEY: every negative it publishes would be refused")
         self.inverter = TextInverter(self.loaded, settings.inversion, self.bundle.prototypes)
         self.check = NegativeCheck.of(self.bundle)
-        self.bank = self.bundle.bank("interneg", settings.bank.capacity, settings.bank.dedup_cos)
-        # the same InterNeg score the scoring workers compute, over this worker's bank
-        m = settings.method
-        self.scorer = InterNegScorer(self.bundle.id_text, self.bank, scale=self.bundle.logit_scale, groups=m.groups, beta=m.beta,
-                                     prototypes=self.bundle.prototypes, inverter=None)
+        # the scorer the scoring workers run, over this worker's bank (followed from ood.negatives)
+        self.scorer = scorer_from_bundle(self.bundle, settings, "interneg", inverter=None)
+        self.bank = self.scorer.bank
         inv = settings.inversion
         self.rate = CameraRateLimit(inv.camera_rate, inv.camera_burst, inv.total_rate, inv.total_burst)
         self.candidates_seen = 0

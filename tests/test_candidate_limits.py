@@ -1,13 +1,6 @@
 """The inversion worker's rate limits on candidates: per camera id and over all of them."""
+from test_liveness import Clock
 from workers.inversion_worker import MAX_CAMERAS, CameraRateLimit
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def test_a_camera_gets_its_burst_then_its_rate_and_others_are_unaffected():

@@ -11,7 +11,7 @@ import urllib.request
 from kafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_faults import admissible_negative
+from test_faults import admissible_negative, wait_for as until  # this module has a wait_for of its own
 from workers.kafka_clients import make_admin
 from workers.producer import produce_records
 from workers.signing import NegativeSigner
@@ -115,13 +115,6 @@ def test_kafka_python_lines_about_a_watched_topic_are_quiet_while_the_watch_runs
         kafka.error(KAFKA_UNKNOWN_TOPIC, "frames")
     assert [r.getMessage() for r in caplog.records if r.name == "kafka.cluster"] == [
         "Topic other not found in cluster metadata", "Topic frames not found in cluster metadata"]
-
-
-def until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-        time.sleep(0.3)
 
 
 def readyz(worker) -> tuple[int, dict]:

@@ -283,3 +283,43 @@ def test_a_stalled_scoring_worker_says_so_and_recovers(stream_settings, tiny_bun
     finally:
         worker.stop_event.set()
         server.join(timeout=60)
+
+
+# --- half-joined with nothing to fetch (CI, issue 11's stop) -----------------------------------
+class HalfJoined:
+    """A member that kafka-python left REBALANCING with no join pending: what a CI run showed
+    after a commit refused with RebalanceInProgressError, when no record followed."""
+
+    def __init__(self, join_pending: bool):
+        self._coordinator = type("Coordinator", (), {"need_rejoin": lambda _: join_pending})()
+        self.state, self.calls = MemberState.REBALANCING, []
+
+    def group_metadata(self):
+        return ConsumerGroupMetadata(group_id="g", generation_id=3, member_id="m", state=self.state)
+
+    def poll(self, timeout_ms=None, max_records=None):
+        return {}  # nothing follows on its partitions
+
+    def subscription(self):
+        return {"t"}
+
+    def unsubscribe(self):
+        self.calls.append("unsubscribe")
+
+    def subscribe(self, topics):
+        self.calls.append(("subscribe", topics))
+
+
+@pytest.mark.parametrize("join_pending", [False, True])
+def test_a_member_half_joined_with_no_records_rejoins_and_one_still_joining_waits(monkeypatch, join_pending):
+    import workers.delivery as delivery
+
+    monkeypatch.setattr(delivery, "HALF_JOINED_S", 0.05)
+    member = HalfJoined(join_pending)
+    loop = BatchLoop(member, None, lambda batch, prepared: [], batch_size=8, batch_timeout_ms=0, should_stop=lambda: True)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not member.calls:
+        loop._poll(0)
+        if join_pending and time.monotonic() > deadline - 4.5:
+            break  # well past HALF_JOINED_S: a member whose join is pending is left to finish it
+    assert member.calls == ([] if join_pending else ["unsubscribe", ("subscribe", ["t"])])

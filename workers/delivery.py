@@ -37,7 +37,8 @@ can de-duplicate):
 | the member is (re)joining its group            | polls wait REJOIN_POLL_MS, so the join completes inside    |
 |                                                | one poll (short polls can leave it rebalancing for good)   |
 | kafka-python leaves the member half-joined     | after HALF_JOINED_S the member leaves the group and        |
-| (fetching while REBALANCING, heartbeats off)   | subscribes again; until then its commits are refused       |
+| (REBALANCING with no join pending, fetching or | subscribes again; until then its commits are refused       |
+| not; heartbeats off)                           |                                                            |
 | a batch slower than max.poll.interval.ms       | the worker is evicted; batches are bounded (batch_size)    |
 |                                                | so this needs a setting far below the real batch time      |
 | records wait uncommitted on partitions the     | stalled (LivenessWatch): one warning line, on_stall (the   |
@@ -116,8 +117,9 @@ BUSY_POLL_MS = 100
 # is not picked up by the next short poll (seen here: a member stuck REBALANCING for minutes,
 # every commit refused, until the broker dropped it). A long poll lets the join finish.
 REJOIN_POLL_MS = 3000
-# A member whose polls bring records while it is not STABLE for this long is half-joined
-# (see BatchLoop._rejoin_afresh): it leaves and joins again.
+# A member that stays not STABLE for this long while its polls bring records, or while
+# kafka-python has no join pending for it, is half-joined (see BatchLoop._rejoin_afresh):
+# it leaves and joins again.
 HALF_JOINED_S = 10.0
 
 # The loop measures its group's uncommitted records this often (one ListOffsets and one
@@ -500,7 +502,7 @@ class BatchLoop:
         self.transactional = transactional
         self.on_abort = on_abort  # after an aborted transaction: undo what handle changed in the worker
         self._membership: tuple | None = None  # (generation, member id) at the last poll; None before the first
-        self._half_joined_since: float | None = None  # first poll that brought records while not STABLE
+        self._half_joined_since: float | None = None  # first poll that found the member half-joined (see _poll)
         self._refused = False  # at-least-once: a commit was refused since the last reseek
         # Liveness (see LivenessWatch): on a stall the consumer is replaced by renew_consumer()
         # (without one: the member leaves its group and joins again); on_stall(stall) is told
@@ -530,7 +532,7 @@ class BatchLoop:
         start = time.perf_counter()
         batch = poll_batch(self.consumer, self.batch_size, timeout_ms, self._unreadable)
         group = self.consumer.group_metadata()
-        if batch and group.group_id is not None and group.state != MemberState.STABLE:
+        if group.group_id is not None and group.state != MemberState.STABLE and (batch or not self._join_pending()):
             self._half_joined_since = self._half_joined_since or time.monotonic()
             if time.monotonic() - self._half_joined_since > HALF_JOINED_S:
                 self._rejoin_afresh(group)
@@ -564,6 +566,18 @@ class BatchLoop:
             self.log.warning("record skipped: the Kafka client cannot decode it", topic=unreadable.partition.topic,
                              partition=unreadable.partition.partition, offset=unreadable.offset, error=unreadable.error)
         self.on_unreadable(unreadable)
+
+    def _join_pending(self) -> bool:
+        """Whether kafka-python still means to finish this member's join in a later poll.
+
+        A member that is not STABLE and has no join pending is half-joined even when its polls
+        bring nothing: it stays REBALANCING for good (seen in CI: a commit refused with
+        RebalanceInProgressError, the join completed in the background, and no record followed
+        on the member's partitions, so the refused batch was never redone). The coordinator is
+        read directly, not through getattr, so that a kafka-python without it fails loudly
+        instead of hiding the state (kafka-python is pinned in deploy/requirements.lock).
+        """
+        return self.consumer._coordinator.need_rejoin()
 
     def _rejoin_afresh(self, group: Any) -> None:
         """Leave the group and subscribe again: the way out of kafka-python's half-joined state.

@@ -23,6 +23,13 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
 TINY_MODEL = "interneg-tiny"
+# The small CLIP-style model trained here (train/, issue 12), shipped with its weights: the
+# model that runs when no CLIP weights are at hand. Its weights are named by a tag, like
+# open_clip's pretrained tags, and checked against their recorded sha256 before loading.
+SMALL_MODEL = "interneg-small"
+SHIPPED_TAG = "interneg"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SHIPPED_WEIGHTS = {(SMALL_MODEL, SHIPPED_TAG): WEIGHTS_DIR / f"{SMALL_MODEL}.safetensors"}
 
 
 class ModelLoadError(RuntimeError):
@@ -146,9 +153,50 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def shipped_weights(settings: ModelSettings) -> Path | None:
+    """The file of shipped weights the settings name, checked against its sha256; else None."""
+    path = SHIPPED_WEIGHTS.get((settings.name, settings.pretrained))
+    if path is None:
+        return None
+    recorded = path.with_suffix(".sha256")
+    if not path.is_file() or not recorded.is_file():
+        raise ModelLoadError(f"the shipped weights {path} (or their .sha256) are missing: is this a complete checkout?")
+    expected = recorded.read_text().split()[0]
+    if file_sha256(path) != expected:
+        raise ModelLoadError(f"{path}: sha256 differs from {recorded.name}; the file is damaged (git lfs? a partial copy?)")
+    return path
+
+
+def weights_at_hand(settings: ModelSettings) -> bool:
+    """Whether load_model can find the weights without a network: random weights, shipped ones,
+    a local file, or a pretrained tag already in open_clip's or the Hugging Face cache."""
+    name, pretrained = settings.name, settings.pretrained
+    if not pretrained or (name, pretrained) in SHIPPED_WEIGHTS:
+        return True
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return name.startswith("local-dir:")
+    if Path(pretrained).expanduser().is_file():
+        return True
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        return False
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, folder = cfg["hf_hub"].partition("/")
+        repo = f"{repo}/{folder.split('/')[0]}" if folder else repo
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo.rstrip("/"), filename), str):
+                return True
+    url = cfg.get("url")
+    return bool(url) and (Path.home() / ".cache" / "clip" / Path(url).name).is_file()
+
+
 def model_identity(settings: ModelSettings) -> str:
     """A string that names the weights: two models with equal ids embed identically."""
     name, pretrained = settings.name, settings.pretrained
+    if (name, pretrained) in SHIPPED_WEIGHTS:
+        pretrained = str(SHIPPED_WEIGHTS[(name, pretrained)])
     if name.startswith(("hf-hub:", "local-dir:")):
         return name
     if not pretrained:
@@ -163,7 +211,8 @@ def _how_to_run_offline(settings: ModelSettings) -> str:
     return (
         f"could not load weights '{settings.pretrained}' for {settings.name} (offline?): "
         f"set INTERNEG_MODEL__PRETRAINED=/path/to/weights.bin (a local open_clip/OpenAI checkpoint), "
-        f"or run the tiny random-weights model with INTERNEG_MODEL__NAME={TINY_MODEL} INTERNEG_MODEL__PRETRAINED=''"
+        f"or run the small model shipped with the project with INTERNEG_MODEL__NAME={SMALL_MODEL} "
+        f"INTERNEG_MODEL__PRETRAINED={SHIPPED_TAG}"
     )
 
 
@@ -171,11 +220,12 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     """Build the model named by settings with open_clip's one factory."""
     device = resolve_device(settings.device)
     precision = _resolve_precision(settings.precision, device)
-    pretrained = settings.pretrained or None
+    shipped = shipped_weights(settings)
+    pretrained = str(shipped) if shipped is not None else settings.pretrained or None
     name = settings.name
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise ModelLoadError(
-            f"unknown model INTERNEG_MODEL__NAME={name!r}; open_clip knows e.g. ViT-B-16, ViT-B-32, {TINY_MODEL}"
+            f"unknown model INTERNEG_MODEL__NAME={name!r}; open_clip knows e.g. ViT-B-16, ViT-B-32, {SMALL_MODEL}, {TINY_MODEL}"
         )
     if pretrained is not None and not name.startswith(("hf-hub:", "local-dir:")):
         path = Path(pretrained).expanduser()

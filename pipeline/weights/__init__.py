@@ -1,0 +1,1 @@
+"""Weights shipped with the project (see MODEL_CARD.md)."""

@@ -351,13 +351,20 @@ def local_run_command(
     bootstrap: BootstrapOption = None,
     rate: Annotated[Optional[float], typer.Option(help="frames per second to stream")] = None,
 ) -> int:
-    """The whole loop here: broker, topics, bundle, a scoring and an inversion worker, a stream, a summary."""
-    from workers.local_run import SAMPLES, local_run
+    """The whole loop here: broker, topics, bundle, a scoring and an inversion worker, a stream, a summary.
 
+    Without model variables it runs CLIP ViT-B/16 (OpenAI weights) when those are on this
+    machine, and otherwise the small model shipped with the project, on its rendered demo
+    (known farm animals, unknown animals and things it never trained on).
+    """
+    from workers.local_run import demo_model, local_run
+
+    settings = _settings()
+    note, samples = demo_model(settings)
     return local_run(
-        _settings(), classes=classes or SAMPLES / "classes", frames=frames or SAMPLES / "frames",
-        out=out, bootstrap=bootstrap, rate=rate, echo=typer.echo,
-    )
+        settings, classes=classes or samples / "classes", frames=frames or samples / "frames",
+        out=out, bootstrap=bootstrap, rate=rate, echo=typer.echo, model_note=note,
+    ).exit_code
 
 
 @app.command()

@@ -7,11 +7,13 @@ in the scoring worker, prints a summary, and stops what it started.
 """
 from __future__ import annotations
 
+import csv
 import subprocess
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from kafka import TopicPartition
 
@@ -23,6 +25,8 @@ from workers.processes import WorkerProcess
 REPO = Path(__file__).resolve().parent.parent
 BROKER = REPO / "deploy" / "kafka" / "broker.sh"
 SAMPLES = REPO / "deploy" / "samples"
+RENDERED_SAMPLES = SAMPLES / "rendered"  # the shipped small model's demo (train/make_demo.py)
+LABELS_FILE = "labels.csv"
 
 
 class Broker:
@@ -69,6 +73,85 @@ def _collect_scores(settings: Settings, frame_ids: set[str], timeout_s: float) -
     return [scores[f] for f in frame_ids if f in scores]
 
 
+def demo_model(settings: Settings) -> tuple[str | None, Path]:
+    """The model and samples of ``local-run``: the settings' model unless none was named and
+    its weights are not on this machine; then the shipped small model on its rendered demo.
+    Returns (why the model changed, or None; the samples folder), changing ``settings``."""
+    from pipeline.model import SHIPPED_TAG, SMALL_MODEL, weights_at_hand
+
+    note = None
+    if not {"name", "pretrained"} & settings.model.model_fields_set and not weights_at_hand(settings.model):
+        note = (f"{settings.model.name} weights '{settings.model.pretrained}' are not on this machine, so the small model "
+                f"trained for this project runs; for real cameras set INTERNEG_MODEL__PRETRAINED to CLIP weights")
+        settings.model = settings.model.model_copy(update={"name": SMALL_MODEL, "pretrained": SHIPPED_TAG})
+    return note, RENDERED_SAMPLES if settings.model.name == SMALL_MODEL else SAMPLES
+
+
+def read_labels(frames: Path) -> dict[str, str] | None:
+    """file name -> kind ("id" for a known class, anything else for an unknown) from the frames
+    folder's labels.csv (columns file, kind), or None when it has none."""
+    path = frames / LABELS_FILE if frames.is_dir() else None
+    if path is None or not path.is_file():
+        return None
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"file", "kind"} <= set(rows[0]):
+        raise ValueError(f"{path}: needs the columns 'file' and 'kind' (id, or anything else for an unknown)")
+    return {row["file"]: row["kind"] for row in rows}
+
+
+@dataclass
+class Verdicts:
+    """One pass's verdicts against the frames' true labels (OOD is the positive class)."""
+
+    unknowns: int = 0
+    alerted: int = 0  # unknown frames judged OOD: alerts that were right
+    known: int = 0
+    false_alarms: int = 0  # known frames judged OOD
+    auroc: float = float("nan")  # of the score separating known from unknown frames
+
+    @classmethod
+    def of(cls, scores: list[FrameScore], kinds: dict[str, str]) -> "Verdicts":
+        v = cls()
+        id_scores, ood_scores = [], []
+        for score in scores:
+            kind = kinds.get(score.frame_id)
+            if kind is None:
+                continue
+            unknown = kind != "id"
+            (ood_scores if unknown else id_scores).append(score.score)
+            v.unknowns += unknown
+            v.known += not unknown
+            v.alerted += unknown and score.verdict == "ood"
+            v.false_alarms += (not unknown) and score.verdict == "ood"
+        if id_scores and ood_scores:
+            from pipeline.metrics import ood_metrics
+
+            v.auroc = ood_metrics(id_scores, ood_scores)["auroc"]
+        return v
+
+
+@dataclass
+class RunPass:
+    report: Any  # workers.producer.ProduceReport
+    scores: list[FrameScore]
+    seconds: float  # produce to the last score
+    bank_at_start: int  # negatives in the scoring worker's bank when the pass began
+    verdicts: Verdicts | None = None  # against labels.csv, when the frames have one
+
+
+@dataclass
+class RunResult:
+    passes: list[RunPass]
+    published: int = 0  # negatives the inversion worker published
+    admitted: int = 0  # negatives in the scoring worker's bank at the end
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every frame of every pass was scored."""
+        return 0 if all(len(p.scores) == len(set(p.report.frame_ids)) for p in self.passes) else 1
+
+
 def run_keypair(folder: Path) -> tuple[Path, Path]:
     """The run's negatives key pair: made on the first run, kept with the run's topics after."""
     from workers.signing import SIGNING_KEY_FILE, VERIFY_KEY_FILE, generate_keypair
@@ -88,15 +171,28 @@ def local_run(
     rate: float | None,
     echo: Callable[[str], None],
     timeout_s: float = 600.0,
-) -> int:
+    model_note: str | None = None,
+) -> RunResult:
+    """Everything it saw; ``RunResult.exit_code`` is 0 when every frame of every pass was scored.
+
+    With a labels.csv beside the frames (see read_labels), the frames are streamed twice: the
+    first pass starts with an empty bank of inverted negatives, the second after the inversion
+    worker's negatives from the first have reached the scoring worker; the summary scores both
+    passes' verdicts against the labels, so it shows what the grown bank changed.
+    """
     from pipeline.bundle import prepare_bundle, save_bundle
     from pipeline.model import load_model
     from workers.producer import produce
     from workers.topics import ensure_topics
 
     out = Path(out)
+    if not classes.exists():
+        raise FileNotFoundError(f"--classes {classes}: no such folder or file")
+    if not frames.exists():
+        raise FileNotFoundError(f"--frames {frames}: no such folder or file")
+    kinds_by_file = read_labels(frames)
     loaded = load_model(settings.model)  # first: a missing model stops the run before anything starts
-    echo(f"model {loaded.model_id}")
+    echo(f"model {loaded.model_id}" + (f" ({model_note})" if model_note else ""))
     broker = None
     workers: list[WorkerProcess] = []
     try:
@@ -119,14 +215,12 @@ def local_run(
         for worker in workers:
             worker.wait_ready()
         echo("workers ready: " + ", ".join(f"{w.command} (http://127.0.0.1:{w.port}/metrics)" for w in workers))
-        start = time.monotonic()
-        report = produce(settings, [frames], rate=rate, camera_id="local-camera")
-        echo(report.summary())
-        sent_ids = set(report.frame_ids)
-        scores = _collect_scores(settings, sent_ids, timeout_s)
-        scored_at = time.monotonic()
         inverter = workers[0] if workers[0] is not scorer else None
-        if inverter is not None:  # wait until the candidates are inverted and the scoring worker holds the result
+
+        def settle() -> None:
+            """Wait until the candidates are inverted and the scoring worker holds the result."""
+            if inverter is None:
+                return
             candidates = _count_topic(settings, settings.topics.candidates)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and inverter.status().get("candidates", 0) < candidates:
@@ -136,39 +230,77 @@ def local_run(
                 # updates are applied between batches: one more frame lets an idle worker apply them
                 produce(settings, [sorted(frames.iterdir())[0] if frames.is_dir() else frames], rate=None, camera_id="settle", limit=1)
                 time.sleep(1.0)
-        verdicts = Counter(s.verdict for s in scores)
-        batch_seconds = {(s.worker, s.scored_at_ms, s.timings.batch_size): s.timings.batch_ms / 1000 for s in scores}
-        busy = sum(batch_seconds.values())
-        worker_rate = len(scores) / busy if busy else float("nan")
-        status = scorer.status()
-        echo("")
-        echo("summary")
-        echo(f"  frames sent               {report.sent} ({len(report.skipped)} skipped)")
-        echo(f"  frames scored             {len(scores)} of {len(sent_ids)}")
-        echo(f"  alerts (judged OOD)       {verdicts.get('ood', 0)}")
-        echo(f"  judged in-distribution    {verdicts.get('id', 0)}")
-        echo(f"  dead letters              {_count_topic(settings, settings.topics.deadletter)}")
-        echo(f"  inversion candidates      {_count_topic(settings, settings.topics.candidates)}")
-        if inverter is not None:
-            inv = inverter.status()
-            echo(f"  negatives published       {inv.get('published', 0)} (bank {inv.get('bank_size', 0)} of {settings.bank.capacity})")
-        echo(f"  scoring-worker bank       {status.get('bank_size', 0)} inverted negatives, version {status.get('bank_version')}, digest {str(status.get('bank_digest'))[:12]}")
-        echo(f"  throughput                {worker_rate:.1f} frames/s in the scoring worker's batches; "
-             f"{len(scores) / max(scored_at - start, 1e-9):.1f} frames/s produce-to-score wall clock")
-        echo("")
-        echo("per frame (file order):")
-        by_id = {s.frame_id: s for s in scores}
-        for name, frame_id in report.frames:
-            s = by_id.get(frame_id)
-            if s is None:
-                echo(f"  {Path(name).name:32s} not scored")
-                continue
-            negs = ", ".join(n.label for n in s.negatives[:3])
-            echo(f"  {Path(name).name:32s} {s.verdict.upper():3s} score {s.score:.3f}  top {s.id_class} ({s.id_prob:.2f})  negatives: {negs}")
-        return 0 if len(scores) == len(sent_ids) else 1
+
+        result = RunResult([])
+        for n in range(2 if kinds_by_file is not None else 1):
+            bank_before = scorer.status().get("bank_size", 0)
+            start = time.monotonic()
+            report = produce(settings, [frames], rate=rate, camera_id="local-camera")
+            echo(f"pass {n + 1}: {report.summary()}")
+            scores = _collect_scores(settings, set(report.frame_ids), timeout_s)
+            run_pass = RunPass(report, scores, time.monotonic() - start, bank_before)
+            if kinds_by_file is not None:
+                kinds = {frame_id: kinds_by_file[Path(name).name] for name, frame_id in report.frames if Path(name).name in kinds_by_file}
+                run_pass.verdicts = Verdicts.of(scores, kinds)
+            result.passes.append(run_pass)
+            settle()
+        result.published = inverter.status().get("published", 0) if inverter is not None else 0
+        result.admitted = scorer.status().get("bank_size", 0)
+        _summary(settings, result, kinds_by_file, inverter, scorer, echo)
+        return result
     finally:
         for worker in workers:
             worker.terminate()
         if broker is not None:
             broker.stop()
             echo("stopped the workers and the broker")
+
+
+def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str] | None,
+             inverter: WorkerProcess | None, scorer: WorkerProcess, echo: Callable[[str], None]) -> None:
+    passes = result.passes
+    first = passes[0]
+    all_scores = [s for p in passes for s in p.scores]
+    verdicts = Counter(s.verdict for s in all_scores)
+    batch_seconds = {(s.worker, s.scored_at_ms, s.timings.batch_size): s.timings.batch_ms / 1000 for s in all_scores}
+    busy = sum(batch_seconds.values())
+    worker_rate = len(all_scores) / busy if busy else float("nan")
+    status = scorer.status()
+    echo("")
+    echo("summary")
+    echo(f"  frames sent               {sum(p.report.sent for p in passes)} in {len(passes)} pass{'es' if len(passes) > 1 else ''} "
+         f"({len(first.report.skipped)} skipped)")
+    echo(f"  frames scored             {len(all_scores)} of {sum(len(set(p.report.frame_ids)) for p in passes)}")
+    echo(f"  alerts (judged OOD)       {verdicts.get('ood', 0)}")
+    echo(f"  judged in-distribution    {verdicts.get('id', 0)}")
+    echo(f"  dead letters              {_count_topic(settings, settings.topics.deadletter)}")
+    echo(f"  inversion candidates      {_count_topic(settings, settings.topics.candidates)}")
+    if inverter is not None:
+        inv = inverter.status()
+        echo(f"  negatives published       {result.published} by the inversion worker (its bank {inv.get('bank_size', 0)} of {settings.bank.capacity})")
+    echo(f"  negatives admitted        {result.admitted} in the scoring worker's bank, version {status.get('bank_version')}, "
+         f"digest {str(status.get('bank_digest'))[:12]}")
+    echo(f"  throughput                {worker_rate:.1f} frames/s in the scoring worker's batches; "
+         f"{len(first.scores) / max(first.seconds, 1e-9):.1f} frames/s produce-to-score wall clock (pass 1)")
+    if kinds_by_file is not None:
+        echo("")
+        echo("verdicts against the frames' true labels (labels.csv; an unknown should alert, a known class should not)")
+        names = [f"pass {n + 1} (bank {p.bank_at_start})" for n, p in enumerate(passes)]
+        rows = [p.verdicts for p in passes]
+        echo(f"  {'':28s}" + "".join(f"{name:>22s}" for name in names))
+        echo(f"  {'unknowns alerted (right)':28s}" + "".join(f"{f'{v.alerted} of {v.unknowns}':>22s}" for v in rows))
+        echo(f"  {'unknowns missed':28s}" + "".join(f"{v.unknowns - v.alerted:>22d}" for v in rows))
+        echo(f"  {'false alarms (known class)':28s}" + "".join(f"{f'{v.false_alarms} of {v.known}':>22s}" for v in rows))
+        echo(f"  {'AUROC of the score':28s}" + "".join(f"{v.auroc:>22.3f}" for v in rows))
+    echo("")
+    echo("per frame (file order" + (", last pass" if len(passes) > 1 else "") + "):")
+    last = passes[-1]
+    by_id = {s.frame_id: s for s in last.scores}
+    for name, frame_id in last.report.frames:
+        s = by_id.get(frame_id)
+        label = f"[{kinds_by_file.get(Path(name).name, '?')}] " if kinds_by_file is not None else ""
+        if s is None:
+            echo(f"  {Path(name).name:32s} {label}not scored")
+            continue
+        negs = ", ".join(n.label for n in s.negatives[:3])
+        echo(f"  {Path(name).name:32s} {label}{s.verdict.upper():3s} score {s.score:.3f}  top {s.id_class} ({s.id_prob:.2f})  negatives: {negs}")

@@ -126,7 +126,7 @@ def test_missing_weights_say_how_to_run(tmp_path, images):
     env = {**os.environ, "INTERNEG_MODEL__NAME": "ViT-B-32", "INTERNEG_MODEL__PRETRAINED": "openai", "HF_HUB_OFFLINE": "1"}
     done = run(env, "prepare", "--classes", str(images[0]), "--out", str(tmp_path / "b"))
     assert done.returncode == 2
-    assert "INTERNEG_MODEL__NAME=interneg-tiny" in done.stderr and "Traceback" not in done.stderr
+    assert "INTERNEG_MODEL__NAME=interneg-small INTERNEG_MODEL__PRETRAINED=interneg" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_an_unreachable_cluster_gets_one_error_line(capsys):

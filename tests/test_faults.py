@@ -62,6 +62,19 @@ class PrintLog:
         return lambda event, **kw: print(f"[{time.strftime('%X')}] {level} {event} {kw}", flush=True)
 
 
+class CountingLog(PrintLog):
+    def __init__(self):
+        self.events = Counter()
+
+    def __getattr__(self, level):
+        printed = super().__getattr__(level)
+
+        def log(event, **kw):
+            self.events[event] += 1
+            printed(event, **kw)
+        return log
+
+
 def report(name: str, **counts) -> None:
     print(f"\n[fault] {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
@@ -315,9 +328,10 @@ def test_at_least_once_redoes_a_batch_whose_commit_a_rebalance_refused_when_no_r
 
     consumer.commit = commit
     handled = []
+    log = CountingLog()  # prints what it did (shown if it fails) and counts it
     loop = BatchLoop(
         consumer, make_producer(s.kafka), lambda batch, prepared: handled.extend(batch) or [],
-        batch_size=n, batch_timeout_ms=300, should_stop=lambda: False, log=PrintLog(),  # what it did, shown if it fails
+        batch_size=n, batch_timeout_ms=300, should_stop=lambda: False, log=log,
     )
     deadline = time.monotonic() + 120
     while not refused and time.monotonic() < deadline:
@@ -343,7 +357,9 @@ def test_at_least_once_redoes_a_batch_whose_commit_a_rebalance_refused_when_no_r
     report("refused commit, no record after it", inputs=n, handled=len(handled), committed=final)
     assert len(refused) == 1
     assert final == n
-    assert len(handled) == 2 * n  # redone once: at-least-once
+    # redone once per refused commit: the injected one, and, when the joining member's
+    # rebalance catches the redone batch's commit (seen in CI), a real one that is logged
+    assert len(handled) == n * (1 + log.events["commit refused after rebalance"])
 
 
 def test_workers_ride_out_a_broker_restart_and_lose_nothing(own_broker, tiny_settings, tiny_bundle_dir, workers):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -153,6 +154,18 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _weights_sha256(path: Path) -> str:
+    """file_sha256 of a weights file, hashed once per version of the file: load_model checks
+    the shipped weights and then names them, each by their sha256."""
+    stat = path.stat()
+    return _sha256_of_version(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
+
+
 def shipped_weights(settings: ModelSettings) -> Path | None:
     """The file of shipped weights the settings name, checked against its sha256; else None."""
     path = SHIPPED_WEIGHTS.get((settings.name, settings.pretrained))
@@ -162,7 +175,7 @@ def shipped_weights(settings: ModelSettings) -> Path | None:
     if not path.is_file() or not recorded.is_file():
         raise ModelLoadError(f"the shipped weights {path} (or their .sha256) are missing: is this a complete checkout?")
     expected = recorded.read_text().split()[0]
-    if file_sha256(path) != expected:
+    if _weights_sha256(path) != expected:
         raise ModelLoadError(f"{path}: sha256 differs from {recorded.name}; the file is damaged (git lfs? a partial copy?)")
     return path
 
@@ -203,7 +216,7 @@ def model_identity(settings: ModelSettings) -> str:
         return f"{name}/random-seed{settings.seed}"
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return f"{name}/sha256:{file_sha256(path)[:16]}"
+        return f"{name}/sha256:{_weights_sha256(path)[:16]}"
     return f"{name}/{pretrained}"
 
 

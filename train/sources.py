@@ -6,11 +6,12 @@ there; nothing is downloaded at run time of the service.
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.model import file_sha256
 
 CACHE = Path.home() / ".cache" / "interneg-train"
 
@@ -54,14 +55,6 @@ SOURCES = {
         "package/img/twitter/64/*.png",
     ),
 }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(source: Source, cache: Path = CACHE) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 
 from bench import pipeline_bench, stream_bench
 from pipeline.bundle import build_bundle, save_bundle
-from pipeline.classes import ID_PROMPT, MCM_PROMPT, classes_from_folder, compute_prototypes
+from pipeline.classes import ID_PROMPT, classes_from_folder, compute_prototypes
 from pipeline.lexicon import Lexicon, load_lexicon
 from pipeline.model import load_model
 from schemas.settings import ModelSettings, Settings
@@ -36,10 +36,10 @@ def bench_bundle(loaded, settings: Settings, out: Path, lexicon_sample: int) -> 
         class_names=classes.names,
         logit_scale=loaded.logit_scale,
         id_text=loaded.encode_texts([ID_PROMPT.format(n) for n in classes.names]),
-        id_text_mcm=loaded.encode_texts([MCM_PROMPT.format(n) for n in classes.names]),
         prototypes=compute_prototypes(loaded, classes, settings.classes, settings.images),
         lexicon=sub,
         lexicon_emb=loaded.encode_texts(sub.prompts, batch_size=256, progress=True),
+        encode=loaded.encode_texts,
         settings=settings,
     )
     return save_bundle(bundle, out)

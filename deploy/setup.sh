@@ -23,6 +23,7 @@ if ! command -v openssl >/dev/null 2>&1; then  # the test broker's SSL listener 
     apt-get update -qq && apt-get install -y -qq openssl >/dev/null
 fi
 bash deploy/kafka/broker.sh fetch >/dev/null
-bash deploy/validate/install.sh  # the validators of deploy/ (pinned, cached in ~/.cache/interneg-validators)
+# Not the validators of deploy/ (Go builds, minutes when cold): only the tests need them, and the
+# README's test command installs them (bash deploy/validate/install.sh).
 .venv/bin/python -c "import torch, torchvision, open_clip, faiss, kafka, crc32c" \
     || { echo "setup: the environment in .venv does not import; remove .venv and run again" >&2; exit 1; }

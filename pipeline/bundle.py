@@ -1,8 +1,10 @@
 """The detector bundle: everything a scorer needs, made once by ``interneg prepare``.
 
 A bundle is a directory: ``manifest.json`` (model id and settings, class names, counts,
-sha256 of every file) beside plain ``.npy``/``.json`` arrays and the FAISS index of the
-InterNeg negatives. Nothing is pickled. Loading verifies the hashes and refuses a bundle
+sha256 of every file) beside plain ``.npy``/``.json`` arrays: the shared ones (ID texts,
+prototypes) and each bundled method's own state as ``{method}.{name}.npy``/``.json``
+(see :class:`pipeline.scorers.MethodState`), plus a FAISS index of InterNeg's static
+negatives. Nothing is pickled. Loading verifies the hashes and refuses a bundle
 made with another model than the one it will be used with.
 """
 from __future__ import annotations
@@ -16,17 +18,19 @@ import faiss
 import numpy as np
 
 from pipeline.bank import NegativeBank
-from pipeline.classes import ID_PROMPT, MCM_PROMPT, IdClasses, compute_prototypes, load_classes
+from pipeline.errors import InputError
+from pipeline.classes import ID_PROMPT, IdClasses, compute_prototypes, load_classes
 from pipeline.lexicon import Lexicon, cached_text_embeddings, load_lexicon
 from pipeline.model import file_sha256, load_model
-from pipeline.selection import base_similarity, select_intermodal, select_neglabel
+from pipeline.scorers import MethodInputs, MethodState, TextEncoder
+from pipeline.selection import base_similarity
 from schemas.settings import ModelSettings, Settings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-method state under each method's name
 MANIFEST = "manifest.json"
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A bundle that cannot be used; the message names the bundle and the problem."""
 
 
@@ -36,15 +40,12 @@ class Bundle:
     class_names: list[str]
     logit_scale: float
     id_text: np.ndarray  # (K, D) "The nice {y}."
-    id_text_mcm: np.ndarray  # (K, D) "a photo of a {y}" (MCM)
     prototypes: np.ndarray | None  # (K, D), None without example images
-    interneg_words: list[str]
-    interneg_negatives: np.ndarray  # (M, D)
-    neglabel_words: list[str]
-    neglabel_negatives: np.ndarray
+    methods: dict[str, MethodState]  # each method's own state, under its registry name
     settings: dict = field(default_factory=dict)  # the Settings used to prepare, as JSON data
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. a simulation's modality gap
     info: dict = field(default_factory=dict)  # counts and notes shown to the user
+    path: Path | None = None  # where it was read from, for messages
 
     @property
     def base_similarity(self) -> np.ndarray | None:
@@ -54,12 +55,20 @@ class Bundle:
     def selection(self) -> str:
         return "intermodal" if self.prototypes is not None else "neglabel (no example images)"
 
+    def state(self, method: str) -> MethodState:
+        """The method's state; a clear error when the bundle was prepared without it."""
+        if method not in self.methods:
+            where = self.path or "the bundle"
+            raise BundleError(f"{where}: prepared without method {method!r} (it carries {', '.join(self.methods) or 'none'}); "
+                              f"prepare it again with --methods {method} (or INTERNEG_METHOD__BUNDLED)")
+        return self.methods[method]
+
+    def negatives(self, method: str) -> tuple[np.ndarray, list[str]]:
+        state = self.state(method)
+        return state.arrays["negatives"], state.words["words"]
+
     def bank(self, method: str, capacity: int, dedup_cos: float | None) -> NegativeBank:
-        vectors, words = (
-            (self.neglabel_negatives, self.neglabel_words)
-            if method == "neglabel"
-            else (self.interneg_negatives, self.interneg_words)
-        )
+        vectors, words = self.negatives(method)
         return NegativeBank(vectors, list(words), capacity=capacity, dedup_cos=dedup_cos)
 
 
@@ -69,49 +78,39 @@ def build_bundle(
     class_names: list[str],
     logit_scale: float,
     id_text: np.ndarray,
-    id_text_mcm: np.ndarray,
     prototypes: np.ndarray | None,
     lexicon: Lexicon,
     lexicon_emb: np.ndarray,
+    encode: TextEncoder,
     settings: Settings,
     extras: dict[str, np.ndarray] | None = None,
 ) -> Bundle:
-    """Select both methods' negatives from embedded arrays (no model needed)."""
-    m = settings.method
+    """Every bundled method's state, from embedded arrays and a text encoder for other prompts."""
+    from pipeline.methods import method_class
+
     total_candidates = len(lexicon.words)
     lexicon, kept = lexicon.without(class_names)
-    lexicon_emb = lexicon_emb[kept]
-    neglabel_idx = select_neglabel(
-        lexicon_emb, lexicon.is_adjective, id_text, m.neglabel_fraction, m.neglabel_percentile, words=lexicon.words
-    )
-    if prototypes is not None:
-        interneg_idx = select_intermodal(
-            lexicon_emb, lexicon.is_adjective, id_text, prototypes, m.num_negatives, words=lexicon.words
-        )
-        note = f"inter-modal selection: {len(interneg_idx)} negatives"
-    else:
-        interneg_idx = neglabel_idx
-        note = "no example images: inter-modal selection and inversion are unavailable; InterNeg uses NegLabel's selection"
+    inputs = MethodInputs(class_names=list(class_names), id_text=id_text.astype(np.float32),
+                          prototypes=None if prototypes is None else prototypes.astype(np.float32),
+                          lexicon=lexicon, lexicon_emb=lexicon_emb[kept].astype(np.float32), encode=encode)
+    methods = {}
+    for name in settings.method.bundled:
+        state = method_class(name).prepare(inputs, settings)
+        state.arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.arrays.items()}
+        methods[name] = state
     info = {
         "lexicon": settings.method.lexicon,
         "lexicon_candidates": len(lexicon.words),
         "dropped_as_class_names": total_candidates - len(kept),
-        "interneg_negatives": int(len(interneg_idx)),
-        "interneg_adjectives": int(lexicon.is_adjective[interneg_idx].sum()),
-        "neglabel_negatives": int(len(neglabel_idx)),
-        "selection_note": note,
+        "methods": {name: state.info for name, state in methods.items()},
     }
     return Bundle(
         model_id=model_id,
         class_names=list(class_names),
         logit_scale=float(logit_scale),
-        id_text=id_text.astype(np.float32),
-        id_text_mcm=id_text_mcm.astype(np.float32),
-        prototypes=None if prototypes is None else prototypes.astype(np.float32),
-        interneg_words=[lexicon.words[i] for i in interneg_idx],
-        interneg_negatives=lexicon_emb[interneg_idx].astype(np.float32),
-        neglabel_words=[lexicon.words[i] for i in neglabel_idx],
-        neglabel_negatives=lexicon_emb[neglabel_idx].astype(np.float32),
+        id_text=inputs.id_text,
+        prototypes=inputs.prototypes,
+        methods=methods,
         # the deployment's connection settings (Kafka addresses, credentials) stay out of a bundle
         settings=json.loads(settings.model_dump_json(exclude={"kafka"})),
         extras=dict(extras or {}),
@@ -122,52 +121,58 @@ def build_bundle(
 def prepare_bundle(loaded, classes_source: Path, settings: Settings) -> Bundle:
     """Encode the ID classes, their examples and the lexicon with a loaded model, then select."""
     classes: IdClasses = load_classes(classes_source, settings.classes)
-    id_text = loaded.encode_texts([ID_PROMPT.format(n) for n in classes.names])
-    id_text_mcm = loaded.encode_texts([MCM_PROMPT.format(n) for n in classes.names])
     prototypes = compute_prototypes(loaded, classes, settings.classes, settings.images) if classes.has_examples else None
     lexicon = load_lexicon(settings.method.lexicon)
-    lexicon_emb = cached_text_embeddings(
-        loaded, lexicon.prompts, settings.cache_dir, batch_size=settings.model.text_batch_size
-    )
+
+    def encode(prompts: list[str]) -> np.ndarray:
+        return cached_text_embeddings(loaded, prompts, settings.cache_dir, batch_size=settings.model.text_batch_size)
+
     bundle = build_bundle(
         model_id=loaded.model_id,
         class_names=classes.names,
         logit_scale=loaded.logit_scale,
-        id_text=id_text,
-        id_text_mcm=id_text_mcm,
+        id_text=loaded.encode_texts([ID_PROMPT.format(n) for n in classes.names]),
         prototypes=prototypes,
         lexicon=lexicon,
-        lexicon_emb=lexicon_emb,
+        lexicon_emb=encode(lexicon.prompts),
+        encode=encode,
         settings=settings,
     )
     bundle.info["examples_per_class"] = [len(e) for e in classes.examples] if classes.examples else []
     return bundle
 
 
+def _checked_name(method: str, name: str) -> str:
+    if not (method.isidentifier() and name.isidentifier()):
+        raise BundleError(f"state names must be identifiers, got {method}.{name}")
+    return f"{method}.{name}"
+
+
 def save_bundle(bundle: Bundle, out_dir: Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "id_text": bundle.id_text,
-        "id_text_mcm": bundle.id_text_mcm,
-        "interneg_negatives": bundle.interneg_negatives,
-        "neglabel_negatives": bundle.neglabel_negatives,
-    }
+    arrays = {"id_text": bundle.id_text}
     if bundle.prototypes is not None:
         arrays["prototypes"] = bundle.prototypes
         arrays["base_similarity"] = bundle.base_similarity.astype(np.float32)
     arrays.update({f"extra_{k}": v for k, v in bundle.extras.items()})
+    words = {}
+    for method, state in bundle.methods.items():
+        arrays.update({_checked_name(method, k): v for k, v in state.arrays.items()})
+        words.update({_checked_name(method, k): v for k, v in state.words.items()})
     files = []
     for name, array in arrays.items():
         np.save(out / f"{name}.npy", np.ascontiguousarray(array))
         files.append(f"{name}.npy")
-    for name, words in (("interneg_words", bundle.interneg_words), ("neglabel_words", bundle.neglabel_words)):
-        (out / f"{name}.json").write_text(json.dumps(words, ensure_ascii=False), encoding="utf-8")
+    for name, word_list in words.items():
+        (out / f"{name}.json").write_text(json.dumps(word_list, ensure_ascii=False), encoding="utf-8")
         files.append(f"{name}.json")
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(bundle.id_text.shape[1]))
-    index.add_with_ids(bundle.interneg_negatives, np.arange(len(bundle.interneg_negatives), dtype=np.int64))
-    faiss.write_index(index, str(out / "interneg_negatives.faiss"))
-    files.append("interneg_negatives.faiss")
+    if "interneg" in bundle.methods:  # the FAISS index of the static negatives, for tools that want one
+        negatives = bundle.methods["interneg"].arrays["negatives"]
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(bundle.id_text.shape[1]))
+        index.add_with_ids(negatives, np.arange(len(negatives), dtype=np.int64))
+        faiss.write_index(index, str(out / "interneg.negatives.faiss"))
+        files.append("interneg.negatives.faiss")
     manifest = {
         "format": FORMAT_VERSION,
         "model_id": bundle.model_id,
@@ -176,6 +181,7 @@ def save_bundle(bundle: Bundle, out_dir: Path) -> Path:
         "logit_scale": bundle.logit_scale,
         "embed_dim": int(bundle.id_text.shape[1]),
         "selection": bundle.selection,
+        "methods": {m: {"arrays": sorted(s.arrays), "words": sorted(s.words), "info": s.info} for m, s in bundle.methods.items()},
         "extras": sorted(bundle.extras),
         "info": bundle.info,
         "settings": bundle.settings,
@@ -194,7 +200,7 @@ def read_manifest(path: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise BundleError(f"{manifest_path}: malformed JSON ({exc})") from exc
     if manifest.get("format") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {manifest.get('format')}, this version reads {FORMAT_VERSION}")
+        raise BundleError(f"{path}: bundle format {manifest.get('format')}, this version reads {FORMAT_VERSION}; prepare it again with 'interneg prepare'")
     return manifest
 
 
@@ -240,21 +246,29 @@ def load_bundle(path: Path, *, model_id: str | None = None) -> Bundle:
         return json.loads(verified(f"{name}.json").read_text(encoding="utf-8"))
 
     has_prototypes = "prototypes.npy" in manifest["files"]
+    methods = {}
+    for method, listed in manifest.get("methods", {}).items():
+        methods[method] = MethodState(
+            arrays={k: array(_checked_name(method, k)) for k in listed["arrays"]},
+            words={k: words(_checked_name(method, k)) for k in listed["words"]},
+            info=listed.get("info", {}),
+        )
+        for k, vectors in methods[method].arrays.items():
+            if k in methods[method].words and len(methods[method].words[k]) != len(vectors):
+                raise BundleError(f"{path}: {method}: {len(methods[method].words[k])} words for {len(vectors)} vectors")
+        if "negatives" in methods[method].arrays and len(methods[method].words.get("words", [])) != len(methods[method].arrays["negatives"]):
+            raise BundleError(f"{path}: {method}: {len(methods[method].words.get('words', []))} words for "
+                              f"{len(methods[method].arrays['negatives'])} negatives")
     bundle = Bundle(
         model_id=manifest["model_id"],
         class_names=list(manifest["class_names"]),
         logit_scale=float(manifest["logit_scale"]),
         id_text=array("id_text"),
-        id_text_mcm=array("id_text_mcm"),
         prototypes=array("prototypes") if has_prototypes else None,
-        interneg_words=words("interneg_words"),
-        interneg_negatives=array("interneg_negatives"),
-        neglabel_words=words("neglabel_words"),
-        neglabel_negatives=array("neglabel_negatives"),
+        methods=methods,
         settings=manifest["settings"],
         extras={name: array(f"extra_{name}") for name in manifest.get("extras", [])},
         info=manifest.get("info", {}),
+        path=path,
     )
-    if len(bundle.interneg_words) != len(bundle.interneg_negatives):
-        raise BundleError(f"{path}: {len(bundle.interneg_words)} InterNeg words for {len(bundle.interneg_negatives)} vectors")
     return bundle

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.arrays import normalize_rows
+from pipeline.errors import InputError
 from pipeline.images import list_images, load_image_file
 from schemas.settings import ClassesSettings, ImageSettings
 
@@ -15,7 +16,7 @@ ID_PROMPT = "The nice {}."
 MCM_PROMPT = "a photo of a {}"  # no full stop, as MCM's released code (METHOD §3)
 
 
-class ClassesError(ValueError):
+class ClassesError(InputError):
     """The class definition is unusable; the message names the folder or setting."""
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.metrics import ood_metrics
 from pipeline.scorers import AdaptStats, Scorer
 
@@ -39,9 +40,9 @@ class Protocol:
 
     def __post_init__(self):
         if self.batch_size <= 0:
-            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+            raise ConfigError(f"batch size must be positive, got {self.batch_size}")
         if self.kind == "async" and self.delay < 1:
-            raise ValueError(f"async delay must be at least one batch, got {self.delay}")
+            raise ConfigError(f"async delay must be at least one batch, got {self.delay}")
 
 
 @dataclass
@@ -117,7 +118,7 @@ def evaluate(
     from tqdm import tqdm
 
     if not ood_sets:
-        raise ValueError("no OOD sets to evaluate against")
+        raise ConfigError("no OOD sets to evaluate against")
     results, all_scores = [], {}
     jobs = [(m, s) for m in scorers for s in ood_sets]
     for method, set_name in tqdm(jobs, desc="evaluating", unit="run", disable=not progress):
@@ -129,7 +130,7 @@ def evaluate(
         stats = AdaptStats()
         scores = run_stream(scorer, features, origins, protocol, stats)
         id_scores, ood_scores = scores[: len(id_features)], scores[len(id_features) :]
-        bank = getattr(scorer, "bank", None)
+        bank = scorer.bank if scorer.has_negatives else None
         results.append(
             SetResult(
                 method=method,

@@ -14,32 +14,40 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import InputError
+
 _NORM_TOL = 1e-3
+
+
+class FeatureFileError(InputError, ValueError):
+    """A feature file (or features to save) that breaks the layout; the message names the file.
+
+    Also a ValueError: tests/test_simulate.py expects one."""
 
 
 def _check_features(features: np.ndarray, where: str) -> np.ndarray:
     if features.ndim != 2:
-        raise ValueError(f"{where}: 'features' must be 2-D (N, D), got shape {features.shape}")
+        raise FeatureFileError(f"{where}: 'features' must be 2-D (N, D), got shape {features.shape}")
     if not np.issubdtype(features.dtype, np.floating):
-        raise ValueError(f"{where}: 'features' must be floating point, got {features.dtype}")
+        raise FeatureFileError(f"{where}: 'features' must be floating point, got {features.dtype}")
     bad = ~np.all(np.isfinite(features), axis=1)
     if bad.any():
-        raise ValueError(f"{where}: {int(bad.sum())} of {len(features)} feature rows contain "
-                         f"NaN or inf")
+        raise FeatureFileError(f"{where}: {int(bad.sum())} of {len(features)} feature rows contain "
+                               f"NaN or inf")
     norms = np.linalg.norm(features.astype(np.float64), axis=1)
     off = np.abs(norms - 1.0) > _NORM_TOL
     if off.any():
-        raise ValueError(f"{where}: {int(off.sum())} of {len(features)} feature rows are not "
-                         f"L2-normalised (|norm - 1| > {_NORM_TOL}; worst norm "
-                         f"{norms[off][np.argmax(np.abs(norms[off] - 1))]:.4f})")
+        raise FeatureFileError(f"{where}: {int(off.sum())} of {len(features)} feature rows are not "
+                               f"L2-normalised (|norm - 1| > {_NORM_TOL}; worst norm "
+                               f"{norms[off][np.argmax(np.abs(norms[off] - 1))]:.4f})")
     return np.ascontiguousarray(features, dtype=np.float32)
 
 
 def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
     if labels.ndim != 1 or len(labels) != n:
-        raise ValueError(f"{where}: 'labels' must have shape ({n},), got {labels.shape}")
+        raise FeatureFileError(f"{where}: 'labels' must have shape ({n},), got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{where}: 'labels' must be integers, got {labels.dtype}")
+        raise FeatureFileError(f"{where}: 'labels' must be integers, got {labels.dtype}")
     return labels.astype(np.int64)
 
 
@@ -48,12 +56,12 @@ def save_features(path: str | os.PathLike, features: np.ndarray, *, model_id: st
     """Write ``features`` (and optional ``labels``) to ``path`` in the feature-file layout.
 
     The file is written to a temporary name and renamed, so readers never see half a file.
-    Raises ValueError (naming the path) when the features would not pass ``load_features``.
+    Raises FeatureFileError (naming the path) when the features would not pass ``load_features``.
     """
     path = Path(path)
     where = str(path)
     if not isinstance(model_id, str) or not model_id:
-        raise ValueError(f"{where}: model_id must be a non-empty string")
+        raise FeatureFileError(f"{where}: model_id must be a non-empty string")
     arrays = {"features": _check_features(np.asarray(features), where),
               "model_id": np.array(model_id, dtype=np.str_)}
     if labels is not None:
@@ -73,7 +81,7 @@ def save_features(path: str | os.PathLike, features: np.ndarray, *, model_id: st
 def load_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Read a feature file; return ``(features float32, labels int64 or None, model_id)``.
 
-    Raises FileNotFoundError if the file is missing and ValueError (naming the file) if it
+    Raises FileNotFoundError if the file is missing and FeatureFileError (naming the file) if it
     is not a readable .npz, lacks a key, holds pickled objects, has non-2-D or non-float
     features, NaN/inf rows (with their count), rows off unit norm, or bad labels.
     """
@@ -86,19 +94,19 @@ def load_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | Non
             keys = set(npz.files)
             missing = [k for k in ("features", "model_id") if k not in keys]
             if missing:
-                raise ValueError(f"{where}: missing key(s) {missing}; found {sorted(keys)}")
+                raise FeatureFileError(f"{where}: missing key(s) {missing}; found {sorted(keys)}")
             features = npz["features"]
             model_id = npz["model_id"]
             labels = npz["labels"] if "labels" in keys else None
-    except ValueError as e:
-        if where in str(e):
-            raise
-        raise ValueError(f"{where}: not a valid feature file ({e})") from e
+    except FeatureFileError:
+        raise
+    except ValueError as e:  # numpy's: pickled objects, a damaged archive
+        raise FeatureFileError(f"{where}: not a valid feature file ({e})") from e
     except (OSError, EOFError) as e:
-        raise ValueError(f"{where}: not a readable .npz feature file ({e})") from e
+        raise FeatureFileError(f"{where}: not a readable .npz feature file ({e})") from e
     if model_id.ndim != 0 or model_id.dtype.kind != "U":
-        raise ValueError(f"{where}: 'model_id' must be a 0-d string array, got "
-                         f"{model_id.dtype} shape {model_id.shape}")
+        raise FeatureFileError(f"{where}: 'model_id' must be a 0-d string array, got "
+                               f"{model_id.dtype} shape {model_id.shape}")
     features = _check_features(features, where)
     if labels is not None:
         labels = _check_labels(labels, len(features), where)

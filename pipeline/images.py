@@ -7,13 +7,16 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import InputError
 from pipeline.preprocess import draft_for
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class ImageRejected(ValueError):
-    """An input that is not a usable image; ``reason`` is a short machine-friendly tag."""
+class ImageRejected(InputError, ValueError):
+    """An input that is not a usable image; ``reason`` is a short machine-friendly tag.
+
+    Also a ValueError: tests/test_bundle.py expects one from prepare_bundle."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")

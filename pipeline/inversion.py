@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from pipeline.arrays import as_tensor
+from pipeline.errors import ConfigError
 from pipeline.model import LoadedModel, text_tower
 from schemas.settings import InversionSettings
 
@@ -197,7 +198,7 @@ class TextInverter:
         self.tower = PrefixCachedTower(loaded.model, self.templates) if PrefixCachedTower.supports(loaded.model) else None
         self.prototypes = None if prototypes is None else as_tensor(prototypes, "prototypes").to(loaded.device)
         if settings.reg_weight > 0 and self.prototypes is None:
-            raise ValueError("inversion.reg_weight > 0 needs ID prototypes (a class folder with examples)")
+            raise ConfigError("INTERNEG_INVERSION__REG_WEIGHT > 0 needs ID prototypes: prepare the bundle from a class folder with examples")
 
     def invert(self, image_emb: np.ndarray) -> np.ndarray:
         return self.run(image_emb).embeddings

@@ -21,6 +21,8 @@ from typing import Iterable, Literal
 
 import numpy as np
 
+from pipeline.errors import ConfigError
+
 NOUN_PROMPT = "The nice {}."
 ADJECTIVE_PROMPT = "This is a {} photo."
 
@@ -78,7 +80,7 @@ def load_lexicon(name: str = "debian") -> Lexicon:
         nouns = _read_words("lexicon_nouns.txt")
         adjectives = _read_words("lexicon_adjectives.txt")
     else:
-        raise ValueError(f"unknown lexicon {name!r}: choose {' or '.join(LEXICONS)}")
+        raise ConfigError(f"unknown lexicon {name!r}: choose {' or '.join(LEXICONS)}")
     flags = np.array([False] * len(nouns) + [True] * len(adjectives), dtype=bool)
     return Lexicon(nouns + adjectives, flags)
 

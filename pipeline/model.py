@@ -17,6 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ConfigError
 from pipeline.preprocess import paper_augmentation, test_transform
 from schemas.settings import ModelSettings
 
@@ -33,7 +34,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHIPPED_WEIGHTS = {(SMALL_MODEL, SHIPPED_TAG): WEIGHTS_DIR / f"{SMALL_MODEL}.safetensors"}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ConfigError):
     """The model could not be built; the message says what to do instead."""
 
 

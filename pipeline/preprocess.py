@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.errors import ConfigError
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
-class UnsupportedTransform(ValueError):
+class UnsupportedTransform(ConfigError):
     """The model's preprocessing is not the resize-shortest/centre-crop kind handled here."""
 
 
@@ -26,7 +27,7 @@ def resize_for(crop: int, crop_fraction: float) -> int:
     (open_clip's evaluation transform), 256 for a 224 crop at 0.875 (the paper's test
     preprocessing, OpenOOD's pre_size 256)."""
     if not 0 < crop_fraction <= 1:
-        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+        raise ConfigError(f"INTERNEG_MODEL__CROP_FRACTION must be in (0, 1], got {crop_fraction}")
     return int(round(crop / crop_fraction))
 
 

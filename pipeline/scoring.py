@@ -8,8 +8,10 @@ recall-oriented threshold need (METHOD §3). The logits themselves may stay floa
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.arrays import ArrayLike, as_tensor, like_input
 
 
@@ -21,10 +23,10 @@ def group_permutation(num_negatives: int, groups: int, seed: int = 0) -> torch.T
     seeded with ``seed`` and cut into G equal consecutive groups.
     """
     if groups <= 0:
-        raise ValueError(f"groups must be positive, got {groups}")
+        raise ConfigError(f"groups must be positive, got {groups}")
     size = num_negatives // groups
     if size == 0:
-        raise ValueError(f"{num_negatives} negatives cannot fill {groups} groups; lower the groups setting")
+        raise ConfigError(f"{num_negatives} negatives cannot fill {groups} groups; lower the groups setting")
     kept = size * groups
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(kept, generator=generator).reshape(groups, size)
@@ -64,11 +66,18 @@ def grouped_score(
     return like_input(score, image_emb)
 
 
+def id_prediction(id_logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The most likely ID class and its softmax probability among the ID classes (float64:
+    MCM's score is this probability)."""
+    top = torch.softmax(id_logits.double(), dim=1).max(dim=1)
+    return top.indices.cpu().numpy(), top.values.cpu().numpy()
+
+
 def mcm_score(image_emb: ArrayLike, id_text_emb: ArrayLike, *, temperature: float = 1.0) -> ArrayLike:
     """MCM: max_k softmax_k(cos(x, t_k) / T), METHOD §3."""
     images = as_tensor(image_emb, "image_emb")
     id_text = as_tensor(id_text_emb, "id_text_emb")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    probs = torch.softmax((images @ id_text.T).double() / temperature, dim=1)
-    return like_input(probs.max(dim=1).values, image_emb)
+    _, prob = id_prediction((images @ id_text.T).double() / temperature)
+    return like_input(torch.from_numpy(prob), image_emb)

@@ -117,12 +117,48 @@ def select_neglabel(
     words: Sequence[str] | None = None,
 ) -> np.ndarray:
     """NegLabel's selection: the lowest ``fraction`` of nouns and of adjectives by η-quantile similarity."""
+    flags = _check_candidates(cand_emb, is_adjective, words)
+    return select_lowest_per_part(neglabel_distance(cand_emb, id_text_emb, percentile), flags, fraction, words=words)
+
+
+def select_lowest_per_part(distance: np.ndarray, is_adjective: ArrayLike, fraction: float, *,
+                           words: Sequence[str] | None = None) -> np.ndarray:
+    """The lowest ``fraction`` of nouns and of adjectives by ``distance``, nouns first (NegLabel, CSP)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    flags = _check_candidates(cand_emb, is_adjective, words)
-    distance = neglabel_distance(cand_emb, id_text_emb, percentile)
+    flags = np.asarray(is_adjective, dtype=bool)
     parts = []
     for pool in (np.flatnonzero(~flags), np.flatnonzero(flags)):
         keep = int(len(pool) * fraction)
         parts.append(_ranked(pool, distance, words, descending=False)[:keep])
     return np.concatenate(parts).astype(np.int64)
+
+
+def sorted_index_distance(cand_emb: ArrayLike, id_text_emb: ArrayLike, percentile: float = 0.95) -> np.ndarray:
+    """The cos to the ID texts at sorted position ``int(K * percentile)`` (no interpolation),
+    as AdaNeg's and InterNeg's released code compute NegLabel's distance."""
+    sims = as_tensor(cand_emb, "cand_emb").float() @ as_tensor(id_text_emb, "id_text_emb").float().T
+    index = min(int(sims.shape[1] * percentile), sims.shape[1] - 1)
+    return sims.sort(dim=1).values[:, index].double().numpy()
+
+
+def select_adaneg(
+    cand_emb: ArrayLike,
+    is_adjective: ArrayLike,
+    id_text_emb: ArrayLike,
+    m: int,
+    percentile: float = 0.95,
+    *,
+    words: Sequence[str] | None = None,
+) -> np.ndarray:
+    """AdaNeg's selection: the M candidates farthest from the ID texts by the sorted-index
+    distance, M split between adjectives and nouns in proportion to the whole pools
+    (:func:`split_budget`), adjectives first."""
+    flags = _check_candidates(cand_emb, is_adjective, words)
+    distance = sorted_index_distance(cand_emb, id_text_emb, percentile)
+    adjs, nouns = np.flatnonzero(flags), np.flatnonzero(~flags)
+    m_adj, m_noun = split_budget(m, len(adjs), len(nouns))
+    return np.concatenate([
+        _ranked(adjs, distance, words, descending=False)[:m_adj],
+        _ranked(nouns, distance, words, descending=False)[:m_noun],
+    ]).astype(np.int64)

@@ -105,6 +105,8 @@ Generation: ~0.2-0.5 s on one CPU core. tests/test_simulate.py checks these rang
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,6 +289,8 @@ class SimulatedWorld:
     text_mean: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     """(D,) expected text embedding (text cone axis times its share); the image mean is
     ``modality_gap + text_mean``."""
+    word_concepts: dict[str, np.ndarray] = field(default_factory=dict)
+    """The concept each word names (ID class names and lexicon words), for :class:`SimulatedTextEncoder`."""
 
 
 # ----------------------------------------------------------------------------------
@@ -523,7 +527,63 @@ def simulate_world(params: SimulationParams = SimulationParams()) -> SimulatedWo
         ood_labels=ood_labels,
         near_parent=near_parent,
         text_mean=f32(np.sqrt(p.text_gap_share) * space.m_T),
+        word_concepts=dict(zip([f"class_{k:03d}" for k in range(K)] + lexicon_words,
+                               np.concatenate([id_name_concepts, noun_concepts, adj_concepts]))),
     )
+
+
+class SimulatedTextEncoder:
+    """E_T for any prompt over the simulated vocabulary, so that a method that wants prompts
+    of its own (CSP's template ensembles and conjugated adjectives) prepares from the same
+    code as with a real model. The prompts the world already embedded return those
+    embeddings; another prompt about word w is ``_texts`` of w's concept with prompt noise
+    drawn from the prompt's own hash. A conjugated phrase ("adj_0001 creature") names the
+    equal mix of the adjective's concept and the superclass word's, a fixed random concept
+    per word; a phrase names a noun's share of concept, an adjective alone an adjective's."""
+
+    # CSP writes compound words with spaces ("noun 00001"), as WordNet's with '_' become phrases
+    WORD = re.compile(r"((?:class[_ ]\d{3})|(?:noun[_ ]\d{5})|(?:adj[_ ]\d{4}))(?: (\w+))?")
+
+    def __init__(self, world: SimulatedWorld):
+        from pipeline.classes import ID_PROMPT, MCM_PROMPT
+        from pipeline.lexicon import Lexicon
+
+        self.world = world
+        self.known = dict(zip([ID_PROMPT.format(n) for n in world.id_names], world.id_text))
+        self.known.update(zip([MCM_PROMPT.format(n) for n in world.id_names], world.id_text_mcm))
+        self.known.update(zip(Lexicon(world.lexicon_words, world.lexicon_is_adjective).prompts, world.lexicon_emb))
+        cones = np.linalg.qr(np.stack([world.text_mean, world.modality_gap], axis=1).astype(np.float64))[0].T
+        self.cones = cones  # (2, D): concepts and noise live orthogonally to both cone directions
+        self.m_T = world.text_mean / np.linalg.norm(world.text_mean)
+
+    def _unit(self, key: str) -> np.ndarray:
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+        x = rng.standard_normal(len(self.m_T))
+        x -= (x @ self.cones.T) @ self.cones
+        return x / np.linalg.norm(x)
+
+    def _embed(self, prompt: str) -> np.ndarray:
+        p = self.world.params
+        found = self.WORD.search(prompt)
+        if found is None or found.group(1).replace(" ", "_") not in self.world.word_concepts:
+            raise ValueError(f"simulated text encoder: no word of the simulated vocabulary in {prompt!r}")
+        word, superclass = found.groups()
+        word = word.replace(" ", "_")
+        concept = np.asarray(self.world.word_concepts[word], np.float64)
+        share = p.adjective_concept_share if word.startswith("adj_") else p.text_concept_share
+        if superclass is not None and word.startswith("adj_"):
+            concept = _normalise(concept + self._unit("superclass:" + superclass))
+            share = p.text_concept_share
+        noise_share = max(0.0, 1.0 - p.text_gap_share - share)
+        t = np.sqrt(p.text_gap_share) * self.m_T + np.sqrt(share) * concept + np.sqrt(noise_share) * self._unit("prompt:" + prompt)
+        return _normalise(t)
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        out = np.empty((len(prompts), len(self.m_T)), dtype=np.float32)
+        for i, prompt in enumerate(prompts):
+            known = self.known.get(prompt)
+            out[i] = known if known is not None else self._embed(prompt)
+        return out
 
 
 # ----------------------------------------------------------------------------------
@@ -609,15 +669,21 @@ def write_simulation(params: SimulationParams, out_dir: Path, settings) -> list[
     world = simulate_world(params)
     out = Path(out_dir)
     model_id = f"simulated-clip/seed{params.seed}"
+    # AdaNeg's 10,000 negatives are a seventh of the ~70,000 words of WordNet: keep that share here
+    from pipeline.methods import METHOD_NAMES
+
+    settings = settings.model_copy(deep=True)
+    settings.method.bundled = list(METHOD_NAMES)  # simulated prompts cost nothing: every method
+    settings.method.adaneg_negatives = max(1, round(settings.method.adaneg_negatives * len(world.lexicon_words) / 70_000))
     bundle = build_bundle(
         model_id=model_id,
         class_names=world.id_names,
         logit_scale=params.logit_scale,
         id_text=world.id_text,
-        id_text_mcm=world.id_text_mcm,
         prototypes=world.prototypes,
         lexicon=Lexicon(world.lexicon_words, world.lexicon_is_adjective),
         lexicon_emb=world.lexicon_emb,
+        encode=SimulatedTextEncoder(world),
         settings=settings,
         extras={"modality_gap": world.modality_gap, "text_mean": world.text_mean},
     )

@@ -110,8 +110,9 @@ class Timings(BaseModel):
     batch_size: int = 0
 
 
-class FrameScore(Message):
-    """Topic ``ood.scores`` (and, for OOD verdicts, ``ood.alerts``), keyed by frame id."""
+class JudgedFrame(Message):
+    """What every record about a scored frame says: the frame, where it came from, its score
+    and nearest known class, the negatives that weighed most, and who scored it with what."""
 
     frame_id: Identifier
     camera_id: Identifier
@@ -120,8 +121,7 @@ class FrameScore(Message):
     method: str
     score: float
     threshold: float
-    verdict: Literal["id", "ood"]
-    id_class: str
+    id_class: str  # the nearest known class
     id_prob: float
     negatives: list[WeighedNegative] = []
     bank_version: int
@@ -129,11 +129,20 @@ class FrameScore(Message):
     model_id: str
     worker: str
     scored_at_ms: int
+
+
+class FrameScore(JudgedFrame):
+    """Topic ``ood.scores``, keyed by frame id: every scored frame, with its timings."""
+
+    verdict: Literal["id", "ood"]
     timings: Timings = Timings()
 
 
-class OODAlert(FrameScore):
-    """Topic ``ood.alerts``: a frame judged OOD, with its explanation (the negatives that weighed most)."""
+class OODAlert(JudgedFrame):
+    """Topic ``ood.alerts``, keyed by frame id: a frame judged OOD, what an operator acts on.
+    Its own type, not a score with a flag: its verdict can only be "ood", and it has no timings."""
+
+    verdict: Literal["ood"] = "ood"
 
 
 class Candidate(Message):

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Method = Literal["mcm", "neglabel", "interneg"]
+Method = Literal["mcm", "neglabel", "adaneg", "interneg"]  # the registry's names (pipeline/methods); a test keeps them equal
 Profile = Literal["stream", "paper"]
 
 # The paper profile (METHOD §7b): what the released code does where a live deployment wants
@@ -71,6 +71,16 @@ class MethodSettings(BaseModel):
     neglabel_fraction: float = Field(0.15, gt=0, le=1)
     neglabel_percentile: float = Field(0.95, gt=0, le=1)
     mcm_temperature: float = Field(1.0, gt=0)
+    adaneg_negatives: int = Field(10_000, gt=0, description="negatives AdaNeg selects")
+    adaneg_groups: int = Field(5, gt=0, description="G for AdaNeg")
+    adaneg_memory: int = Field(10, ge=2, description="AdaNeg's memory per label: its text and this many images less one")
+    adaneg_threshold: float = Field(0.5, gt=0, lt=1, description="AdaNeg's middle score; with adaneg_gap it sets which images are remembered")
+    adaneg_gap: float = Field(0.5, ge=0, lt=1, description="remembered: vanilla score above t + gap(1 - t) (ID) or below t - gap t (OOD)")
+    adaneg_mix: float = Field(0.1, ge=0, description="weight of the texts-only score (and probabilities) beside the adapted one")
+    bundled: list[Method] = Field(
+        ["mcm", "neglabel", "adaneg", "interneg"],
+        description="methods whose state 'interneg prepare' puts in a bundle",
+    )
     beta: float = Field(0.35, description="frames scoring below beta are confidently OOD (inversion candidates)")
     threshold: float = Field(0.5, description="frames scoring below this are judged OOD")
     explain_top: int = Field(3, ge=0, description="negatives shown as a frame's explanation")

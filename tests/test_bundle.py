@@ -16,20 +16,26 @@ def test_prepared_bundle_round_trip(tiny_bundle_dir, tiny_model, tiny_settings):
     bundle = load_bundle(tiny_bundle_dir, model_id=tiny_model.model_id)
     assert bundle.class_names == ["blue circle", "green square", "red circle"]
     assert bundle.id_text.shape == (3, 64) and bundle.prototypes.shape == (3, 64)
-    assert len(bundle.interneg_words) == len(bundle.interneg_negatives) == 200
+    negatives, words = bundle.negatives("interneg")
+    assert len(words) == len(negatives) == 200
     np.testing.assert_allclose(np.load(tiny_bundle_dir / "base_similarity.npy"), base_similarity(bundle.id_text, bundle.prototypes), atol=1e-6)
     # the ID text embedding is exactly the encoder's output for the prompt
     np.testing.assert_allclose(bundle.id_text[0], tiny_model.encode_texts(["The nice blue circle."])[0], atol=1e-6)
     # MCM's prompt has no full stop, as MCM's released code
-    np.testing.assert_allclose(bundle.id_text_mcm[0], tiny_model.encode_texts(["a photo of a blue circle"])[0], atol=1e-6)
+    np.testing.assert_allclose(bundle.state("mcm").arrays["id_text"][0], tiny_model.encode_texts(["a photo of a blue circle"])[0], atol=1e-6)
     # every chosen InterNeg negative is admissible: farther from each prototype than its label text
-    sims = bundle.interneg_negatives @ bundle.prototypes.T
+    sims = negatives @ bundle.prototypes.T
     assert (sims < bundle.base_similarity[None, :]).all()
     manifest = json.loads((tiny_bundle_dir / "manifest.json").read_text())
     assert manifest["model_id"] == "interneg-tiny/random-seed0"
     # 15 % of each part of the lexicon, after dropping the three class names (none is a WordNet word)
-    assert manifest["info"]["neglabel_negatives"] == int(0.15 * 58514) + int(0.15 * 12280)
-    assert set(manifest["files"]) >= {"id_text.npy", "prototypes.npy", "interneg_negatives.faiss", "interneg_words.json"}
+    assert manifest["info"]["methods"]["neglabel"]["negatives"] == int(0.15 * 58514) + int(0.15 * 12280)
+    # each method's state under its own name
+    assert set(manifest["files"]) >= {"id_text.npy", "prototypes.npy", "interneg.negatives.faiss", "interneg.words.json",
+                                      "neglabel.negatives.npy", "adaneg.negatives.npy", "mcm.id_text.npy"}
+    assert set(manifest["methods"]) == set(tiny_settings.method.bundled) == {"mcm", "neglabel", "adaneg", "interneg"}
+    with pytest.raises(BundleError, match="prepared without method 'csp'.*--methods csp"):
+        bundle.state("csp")
 
 
 def test_lexicon_embeddings_are_cached_per_model(tiny_bundle_dir, tiny_model, tiny_settings):
@@ -95,9 +101,9 @@ def test_class_list_falls_back_to_neglabel_selection(tiny_model, tiny_settings, 
     names.write_text("# camera 3\ndog\ncar\n\nbicycle\n")
     bundle = prepare_bundle(tiny_model, names, tiny_settings)
     assert bundle.prototypes is None
-    assert bundle.interneg_words == bundle.neglabel_words
-    assert "inter-modal selection and inversion are unavailable" in bundle.info["selection_note"]
-    assert not {"dog", "car", "bicycle"} & set(bundle.neglabel_words)  # ID names are never negatives
+    assert bundle.negatives("interneg")[1] == bundle.negatives("neglabel")[1]
+    assert "inter-modal selection and inversion are unavailable" in bundle.state("interneg").info["selection_note"]
+    assert not {"dog", "car", "bicycle"} & set(bundle.negatives("neglabel")[1])  # ID names are never negatives
     save_bundle(bundle, tmp_path / "b")
     assert load_bundle(tmp_path / "b").prototypes is None
 

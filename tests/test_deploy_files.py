@@ -2,8 +2,8 @@
 
 `deploy/validate/run.sh` runs hadolint, the compose-spec schema and compose-go, kustomize
 and kubeconform (strict, local schemas, KEDA CRDs), promtool (configs, rules, rule unit
-tests, every dashboard query); CI installs them (`deploy/setup.sh` calls
-`deploy/validate/install.sh`), so a missing validator is a failure, not a skip. The pure
+tests, every dashboard query); CI installs them (the README's test command runs
+`deploy/validate/install.sh`, a user's set-up does not), so a missing validator is a failure, not a skip. The pure
 Python checks below tie the files to the code: metric and label names to what
 `workers.ops.WorkerMetrics` exports, INTERNEG_* variables to `schemas.settings.Settings`,
 probe paths to what `OpsServer` serves.

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from pipeline.errors import ConfigError
 from pipeline.evaluate import Protocol, evaluate, run_stream, write_report
 from pipeline.scorers import AdaptStats, Scorer, Scores
 
@@ -54,16 +55,16 @@ def test_async_protocol_applies_after_the_delay_and_never_rescores():
 
 
 def test_protocol_settings_are_validated():
-    with pytest.raises(ValueError, match="delay"):
+    with pytest.raises(ConfigError, match="delay"):
         Protocol("async", delay=0)
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(ConfigError, match="batch size"):
         Protocol(batch_size=0)
 
 
 def test_simulated_evaluation_resets_the_bank_per_set_and_writes_plots(tmp_path):
     from pipeline.bundle import load_bundle
     from pipeline.features import load_features
-    from pipeline.scorers import scorer_from_bundle
+    from pipeline.methods import scorer_from_bundle
     from pipeline.simulate import SimulatedInverter, SimulationParams, write_simulation
     from schemas.settings import Settings
 
@@ -72,18 +73,22 @@ def test_simulated_evaluation_resets_the_bank_per_set_and_writes_plots(tmp_path)
     write_simulation(params, tmp_path, settings)
     bundle = load_bundle(tmp_path / "bundle")
     inverter = SimulatedInverter(bundle.extras["modality_gap"], text_mean=bundle.extras["text_mean"])
-    scorers = {m: scorer_from_bundle(bundle, settings, m, inverter) for m in ("mcm", "neglabel", "interneg")}
+    methods = ("mcm", "neglabel", "adaneg", "interneg")
+    scorers = {m: scorer_from_bundle(bundle, settings, m, inverter) for m in methods}
     id_features = load_features(tmp_path / "id.npz")[0]
     ood = {name: load_features(tmp_path / f"{name}.npz")[0] for name in ("near", "far")}
     report = evaluate(scorers, id_features, ood, Protocol(batch_size=128))
     assert [(r.method, r.ood_set) for r in report.results] == [
-        (m, s) for m in ("mcm", "neglabel", "interneg") for s in ("near", "far")
+        (m, s) for m in methods for s in ("near", "far")
     ]
     for r in report.results:
         assert 0 <= r.metrics["auroc"] <= 1
         if r.method == "interneg":
             assert 0 < r.adapt["admitted"] == r.bank_size  # the bank started empty for this set
+        elif r.method == "adaneg":
+            assert 0 < r.adapt["admitted"] <= r.adapt["candidates"] and r.bank_size == 0  # memory writes, no bank growth
         else:
+            assert r.adapt["candidates"] == 0
             assert r.bank_size == 0
     written = write_report(report, tmp_path / "out")
     assert {p.name for p in written} >= {"metrics.json", "roc_interneg.png", "hist_mcm.png"}

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.scoring import group_permutation, grouped_score, mcm_score
 
 
@@ -63,7 +64,7 @@ def test_log_sum_exp_survives_a_scale_of_100():
 def test_torch_in_torch_out_and_too_few_negatives_is_an_error():
     got = grouped_score(torch.from_numpy(X), torch.from_numpy(ID), torch.from_numpy(ID), scale=1.0, groups=1)
     assert isinstance(got, torch.Tensor)
-    with pytest.raises(ValueError, match="cannot fill 5 groups"):
+    with pytest.raises(ConfigError, match="cannot fill 5 groups"):
         grouped_score(X, ID, ID, scale=1.0, groups=5)
 
 
@@ -98,7 +99,7 @@ def test_scores_keep_their_resolution_past_an_id_margin_of_17_logits():
     assert (got < 1.0).all() and len(set(got.tolist())) == 3
     # the scorers carry it through
     from pipeline.bank import NegativeBank
-    from pipeline.scorers import NegLabelScorer
+    from pipeline.methods.neglabel import NegLabel as NegLabelScorer
 
     scores = NegLabelScorer(ids, NegativeBank(negs, ["n"], capacity=0), scale=100.0, groups=1).score(frames)
     assert scores.score.dtype == np.float64 and len(set(scores.score.tolist())) == 3

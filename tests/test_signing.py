@@ -6,6 +6,7 @@ import stat
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pipeline.errors import ConfigError
 from schemas.messages import H_SIGNATURE
 from schemas.settings import BankSettings
 from workers.cli import main as cli
@@ -95,14 +96,14 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
 
 def test_settings_with_keys_that_are_not_one_pair_are_refused(tmp_path):
     first, second = generate_keypair(tmp_path / "a"), generate_keypair(tmp_path / "b")
-    with pytest.raises(ValueError, match="not one key pair"):
+    with pytest.raises(ConfigError, match="not one key pair"):
         keys_from_settings(BankSettings(signing_key=first[0], verify_key=second[1]))
     signer, verifier = keys_from_settings(BankSettings(signing_key=first[0]))  # the verify key follows from the signing key
     assert verifier.fingerprint() == NegativeVerifier.from_file(first[1]).fingerprint()
     assert keys_from_settings(BankSettings()) == (None, None)
-    with pytest.raises(ValueError, match="not a PEM public key"):
+    with pytest.raises(ConfigError, match="not a PEM public key"):
         keys_from_settings(BankSettings(verify_key=first[0]))
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read"):
         keys_from_settings(BankSettings(signing_key=tmp_path / "missing.pem"))
 
 
@@ -112,5 +113,5 @@ def test_an_inversion_worker_that_cannot_sign_for_its_verifying_followers_does_n
     settings = tiny_settings.model_copy(deep=True)
     settings.worker.bundle = tiny_bundle_dir
     settings.bank.signing_key = None  # the verify key stays set
-    with pytest.raises(ValueError, match="no INTERNEG_BANK__SIGNING_KEY"):
+    with pytest.raises(ConfigError, match="no INTERNEG_BANK__SIGNING_KEY"):
         InversionWorker(settings)

@@ -95,7 +95,7 @@ def test_unknown_frames_score_lower_and_their_inversions_are_admissible(small, s
     and the frames it is confident about invert into admissible negatives (METHOD §4)."""
     from pipeline.inversion import TextInverter
     from pipeline.metrics import ood_metrics
-    from pipeline.scorers import scorer_from_bundle
+    from pipeline.methods import scorer_from_bundle
     from pipeline.selection import base_similarity, deviation
 
     bundle, settings = small_bundle

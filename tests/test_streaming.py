@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.bundle import load_bundle_with_model
 from pipeline.images import decode_image
-from pipeline.scorers import scorer_from_bundle
+from pipeline.methods import scorer_from_bundle
 from schemas.messages import H_CAMERA_ID, H_CONTENT_TYPE, H_FRAME_ID, H_TS, Candidate, FrameScore, Vector
 from workers.kafka_clients import make_consumer
 from workers.producer import produce_records
@@ -214,3 +214,30 @@ def test_topics_are_created_idempotently_with_their_settings(stream_settings):
             assert configs[name]["max.message.bytes"]["value"] == str(stream_settings.kafka.max_message_bytes)
     finally:
         admin.close()
+
+
+def test_an_adaneg_worker_adapts_its_own_memory_and_publishes_no_candidates(stream_settings, tiny_bundle_dir, workers):
+    settings = stream_settings
+    settings.method.method = "adaneg"
+    settings.method.adaneg_gap = 0.0  # every frame is remembered: the random tiny model is never confident
+    settings.worker.bundle = tiny_bundle_dir
+    images = [jpeg(i) for i in range(16)]
+    expected = expected_scores(tiny_bundle_dir, settings, images)  # an empty memory: the texts alone
+    worker = workers("score-worker", settings, "adaneg-a")
+    worker.wait_ready()
+    produce_records(settings, [frame_record(i, f) for i, f in enumerate(images)])
+    first = scores_by_frame(read_topic(settings, settings.topics.scores, expect=16))
+    # the same pictures again, once the memory holds the first ones
+    produce_records(settings, [frame_record(100 + i, f) for i, f in enumerate(images)])
+    both = scores_by_frame(read_topic(settings, settings.topics.scores, expect=32))
+    assert sorted(both) == sorted([f"f{i}" for i in range(16)] + [f"f{100 + i}" for i in range(16)])
+    assert all(len(v) == 1 and v[0].method == "adaneg" for v in both.values())
+    # the batch scored first saw an empty memory: exactly the offline scores
+    earliest = min(s[0].scored_at_ms for s in first.values())
+    opening = [i for i in range(16) if first[f"f{i}"][0].scored_at_ms == earliest]
+    np.testing.assert_allclose([first[f"f{i}"][0].score for i in opening], expected[opening], atol=1e-4)
+    # the second time round the memory has moved the scores
+    again = np.array([both[f"f{100 + i}"][0].score for i in range(16)])
+    assert np.abs(again - expected).max() > 1e-3
+    assert worker.status()["adaptations"] > 0
+    assert read_topic(settings, settings.topics.candidates, idle_s=1) == []  # AdaNeg adapts here, not through inversion

@@ -1,27 +1,38 @@
-"""The ``interneg`` command line. Settings come from INTERNEG_* variables and .env."""
+"""The ``interneg`` command line. Settings come from INTERNEG_* variables and .env.
+
+Only what ``--help`` needs is imported here; each command imports its own modules (torch,
+open_clip, kafka, even the settings take seconds or a large part of a second), so that
+``interneg --help`` answers at once.
+"""
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from schemas.settings import Settings
+from pipeline.errors import InterNegError
+
+if TYPE_CHECKING:
+    from schemas.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Streaming OOD detection with CLIP and InterNeg.")
 
-METHODS = ("mcm", "neglabel", "interneg")
+from pipeline.methods import METHOD_NAMES as METHODS  # the registry; importing it loads no method
 PROFILES = ("stream", "paper")
 PROFILE_HELP = "paper: the paper's protocol as the released code runs it (lexicon, augmentation, 256/224 crop, no bank de-duplication); stream: the deployment defaults (default: INTERNEG_PROFILE)"
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
+class CliError(InterNegError):
+    """A command's options or inputs that cannot work: printed as one line, exit status 2."""
 
 
 def _settings(model: str | None = None, pretrained: str | None = None, profile: str | None = None) -> Settings:
+    from schemas.settings import Settings
+
     if profile is not None and profile not in PROFILES:
         raise CliError(f"--profile {profile}: choose {' or '.join(PROFILES)}")
     settings = Settings(profile=profile) if profile is not None else Settings()
@@ -30,6 +41,14 @@ def _settings(model: str | None = None, pretrained: str | None = None, profile: 
     if pretrained is not None:
         settings.model.pretrained = pretrained
     return settings
+
+
+def _method_list(spec: str, option: str) -> list[str]:
+    methods = list(METHODS) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CliError(f"{option}: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(METHODS)} or all")
+    return methods
 
 
 def _say(message: str) -> None:
@@ -49,23 +68,26 @@ def prepare(
     model: Annotated[Optional[str], typer.Option(help="open_clip model (overrides INTERNEG_MODEL__NAME)")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="weights tag or local file (overrides INTERNEG_MODEL__PRETRAINED)")] = None,
     profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
+    methods: Annotated[Optional[str], typer.Option(help="methods the bundle carries: a comma list or 'all' (default: INTERNEG_METHOD__BUNDLED: all)")] = None,
 ) -> None:
-    """Build a detector bundle: ID embeddings, prototypes, selected negatives, FAISS index."""
+    """Build a detector bundle: ID embeddings, prototypes, and each method's negatives."""
     from pipeline.bundle import prepare_bundle, save_bundle
     from pipeline.model import load_model
 
     settings = _settings(model, pretrained, profile)
+    if methods is not None:
+        settings.method.bundled = _method_list(methods, "--methods")
     loaded = load_model(settings.model)
     bundle = prepare_bundle(loaded, classes, settings)
     save_bundle(bundle, out)
     info = bundle.info
     _say(
         f"bundle {out}: model {bundle.model_id}, {len(bundle.class_names)} classes, "
-        f"{info['lexicon_candidates']} candidates of the {info['lexicon']} lexicon (profile {settings.profile}), {info['interneg_negatives']} InterNeg negatives "
-        f"({info['interneg_adjectives']} adjectives), {info['neglabel_negatives']} NegLabel negatives"
+        f"{info['lexicon_candidates']} candidates of the {info['lexicon']} lexicon (profile {settings.profile}); negatives: "
+        + ", ".join(f"{m} {s.info['negatives']}" for m, s in bundle.methods.items() if "negatives" in s.info)
     )
-    if bundle.prototypes is None:
-        _say(f"note: {info['selection_note']}")
+    if bundle.prototypes is None and "interneg" in bundle.methods:
+        _say(f"note: {bundle.methods['interneg'].info['selection_note']}")
 
 
 def _encode_files(loaded, paths: list[Path], settings: Settings):
@@ -105,11 +127,12 @@ def _expand(paths: list[Path]) -> list[Path]:
 def score(
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     bundle: Annotated[Path, typer.Option(help="detector bundle from 'interneg prepare'")],
-    method: Annotated[Optional[str], typer.Option(help="mcm | neglabel | interneg (default: the setting)")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"{' | '.join(METHODS)} (default: the setting)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
 ) -> None:
     """Score images: score, verdict, top ID class, and the negatives that weighed most."""
-    from pipeline.scorers import scorer_from_bundle
+    from pipeline.methods import scorer_from_bundle
+    from pipeline.scorers import judge
 
     settings = _settings()
     loaded_bundle, loaded = _load_bundle_and_model(bundle, settings)
@@ -126,7 +149,7 @@ def score(
                     "file": str(path),
                     "method": scorer.name,
                     "score": round(float(result.score[i]), 6),
-                    "verdict": "ood" if result.score[i] < threshold else "id",
+                    "verdict": judge(float(result.score[i]), threshold),
                     "id_class": loaded_bundle.class_names[int(result.id_class[i])],
                     "id_prob": round(float(result.id_prob[i]), 6),
                     "negatives": [{"label": label, "cos": round(cos, 4)} for label, cos in explanations[i]],
@@ -168,7 +191,7 @@ def eval_command(
     id_data: Annotated[Path, typer.Option("--id", help="ID images: a folder or a feature .npz")],
     ood: Annotated[list[str], typer.Option(help="NAME=PATH of an OOD set (folder or .npz); repeat for more")],
     out: Annotated[Path, typer.Option(help="folder for metrics.json, metrics.txt and the plots")] = Path("runs/eval"),
-    method: Annotated[str, typer.Option(help="mcm, neglabel, interneg, a comma list, or 'all'")] = "all",
+    method: Annotated[str, typer.Option(help=f"{', '.join(METHODS)}, a comma list, or 'all' (those the bundle carries)")] = "all",
     protocol: Annotated[str, typer.Option(help="paper (synchronous, re-score) or async (delayed updates)")] = "paper",
     delay: Annotated[int, typer.Option(help="async: batches before a bank update applies")] = 1,
     batch_size: Annotated[int, typer.Option(help="stream batch size")] = 256,
@@ -179,13 +202,10 @@ def eval_command(
     from pipeline.bundle import read_manifest, load_bundle
     from pipeline.evaluate import Protocol, evaluate, write_report
     from pipeline.features import load_features
-    from pipeline.scorers import scorer_from_bundle
+    from pipeline.methods import scorer_from_bundle
 
     settings = _settings(profile=profile)
-    methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise CliError(f"--method: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)} or all")
+    methods = _method_list(method, "--method")
     if protocol not in ("paper", "async"):
         raise CliError(f"--protocol {protocol}: choose paper or async")
     proto = Protocol(kind=protocol, batch_size=batch_size, delay=delay, seed=seed)
@@ -225,6 +245,11 @@ def eval_command(
 
     id_features = features_of("ID", id_data)
     ood_sets = {name: features_of(name, path) for name, path in _parse_sets(ood).items()}
+    if method == "all":  # every method the bundle carries; the others named, not silently dropped
+        missing = [m for m in methods if m not in the_bundle.methods]
+        methods = [m for m in methods if m in the_bundle.methods]
+        if missing:
+            _say(f"not in the bundle: {', '.join(missing)} (prepare it with --methods all to compare them too)")
     scorers = {m: scorer_from_bundle(the_bundle, settings, m, inverter) for m in methods}
     report = evaluate(scorers, id_features, ood_sets, proto, progress=True)
     written = write_report(report, out)
@@ -232,11 +257,12 @@ def eval_command(
                + f", batch {batch_size}, {len(id_features)} ID samples")
     typer.echo(report.table())
     for r in report.results:
-        if r.method == "interneg":
+        if scorers[r.method].adapts:
             a = r.adapt
+            refused = ", ".join(f"{n} {why}" for why, n in sorted(a["refused"].items()))
             typer.echo(
-                f"interneg/{r.ood_set}: {a['candidates']} inversion candidates, {a['inadmissible']} inadmissible, "
-                f"{a['admitted']} admitted, bank {r.bank_size}"
+                f"{r.method}/{r.ood_set}: {a['candidates']} proposals, {a['inadmissible']} inadmissible, "
+                f"{a['admitted']} applied" + (f" ({refused} refused)" if refused else "") + (f", bank {r.bank_size}" if r.bank_size else "")
             )
     _say("wrote " + ", ".join(str(p) for p in written))
 
@@ -378,12 +404,9 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; known failures print one 'error:' line and exit with status 2."""
+    """Run the CLI. A failure the user can fix prints one 'error:' line, exit status 2; any
+    other exception is a bug: its traceback and a line saying so, exit status 1."""
     import click
-    from pydantic import ValidationError
-    from kafka.errors import KafkaError
-
-    from pipeline.model import ModelLoadError
 
     try:
         result = app(args=argv, standalone_mode=False)
@@ -395,16 +418,36 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         _say("aborted")
         return 130
-    except ValidationError as exc:
-        _say(f"error: invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
-        return 2
-    except (CliError, ModelLoadError, ValueError, OSError) as exc:  # bundle, classes and image errors are ValueErrors
-        _say(f"error: {exc}")
-        return 2
-    except KafkaError as exc:  # what escapes the clients is the cluster being unreachable or refusing
-        _say(f"error: Kafka: {exc} (check INTERNEG_KAFKA__BOOTSTRAP_SERVERS / --bootstrap and that the brokers are up)")
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            traceback.print_exc()
+            _say("interneg: this is a bug; please report it with the traceback above")
+            return 1
+        _say(f"error: {message}")
         return 2
     return result if isinstance(result, int) else 0
+
+
+def _user_error(exc: Exception) -> str | None:
+    """The one line for a failure the user can fix, or None for a bug."""
+    # imported here, not at the top: pydantic and kafka would slow every --help
+    from kafka.errors import KafkaError
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    if isinstance(exc, SettingsError):  # an INTERNEG_* variable that does not parse (a list that is not JSON)
+        return f"invalid settings: {exc}"
+    if isinstance(exc, InterNegError):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        return f"invalid settings: {error['loc']}: {error['msg']}"
+    if isinstance(exc, KafkaError):  # what escapes the clients is the cluster being unreachable or refusing
+        return f"Kafka: {exc} (check INTERNEG_KAFKA__BOOTSTRAP_SERVERS / --bootstrap and that the brokers are up)"
+    if isinstance(exc, OSError):  # a missing or unreadable file
+        return str(exc)
+    return None
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import ValidationError
 
+from pipeline.errors import ConfigError
 from pipeline.inversion import TextInverter
-from pipeline.scorers import scorer_from_bundle
-from pipeline.bank import NegativeBank
+from pipeline.methods import scorer_from_bundle
+from pipeline.scorers import AdaptStats, Scores
 from schemas.messages import Candidate
 from schemas.settings import Settings
 from workers.delivery import Output
-from workers.negatives import NegativeCheck, negative_id, negative_output, tombstone_output
+from workers.negatives import negative_id, negative_output, tombstone_output
 from workers.worker import BundleWorker
 
 
@@ -67,16 +68,16 @@ class InversionWorker(BundleWorker):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         if self.bundle.prototypes is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{settings.worker.bundle}: bundle has no image prototypes (made from a class list), so inversion is unavailable"
             )
         if self.verifier is not None and self.signer is None:
-            raise ValueError("the workers check negatives against INTERNEG_BANK__VERIFY_KEY, but the inversion worker has no "
+            raise ConfigError("the workers check negatives against INTERNEG_BANK__VERIFY_KEY, but the inversion worker has no "
                              "INTERNEG_BANK__SIGNING_KEY: every negative it publishes would be refused")
         self.inverter = TextInverter(self.loaded, settings.inversion, self.bundle.prototypes)
-        self.check = NegativeCheck.of(self.bundle)
-        # the scorer the scoring workers run, over this worker's bank (followed from ood.negatives)
-        self.scorer = scorer_from_bundle(self.bundle, settings, "interneg", inverter=None)
+        # the scorer the scoring workers run, over this worker's bank (followed from ood.negatives): the same
+        # propose/apply path as the offline evaluator, with its inverter
+        self.scorer = scorer_from_bundle(self.bundle, settings, "interneg", inverter=self.inverter)
         self.bank = self.scorer.bank
         inv = settings.inversion
         self.rate = CameraRateLimit(inv.camera_rate, inv.camera_burst, inv.total_rate, inv.total_burst)
@@ -118,29 +119,29 @@ class InversionWorker(BundleWorker):
             sources.append(record)
         published = self.follower.seen_ids | self.bank.entries.keys()
         fresh = [i for i, c in enumerate(candidates) if negative_id(c.frame_id) not in published]
-        confident = []
-        if fresh:  # the score is recomputed, never read from the record: only confidently-OOD embeddings are inverted
-            beta = self.settings.method.beta
-            for i, score in zip(fresh, self.scorer.score(np.stack([vectors[i] for i in fresh])).score):
-                if score < beta:
-                    confident.append(i)
-                else:
-                    outputs.append(self.reject(sources[i], "not-confidently-ood",
-                                               f"its score is {score:.4f} here, not below beta {beta} (the record says {candidates[i].score:.4f})"))
-        fresh = [i for i in confident if self._within_rate(candidates[i].camera_id)]
         if not fresh:
             self.candidates_seen += len(candidates)
             return outputs
-        images = np.stack([vectors[i] for i in fresh])
-        inverted = self.inverter.invert(images)
+        # the score is recomputed, never read from the record: only confidently-OOD embeddings are inverted
+        scores = self.scorer.score(np.stack([vectors[i] for i in fresh]))
+        beta = self.settings.method.beta
+        kept = []
         for j, i in enumerate(fresh):
-            candidate = candidates[i]
-            try:  # ranked by what every follower will compute from the vector as published
-                degree = self.check.degree(NegativeBank.stored_form(inverted[j]))
-            except ValueError:
-                self.metrics.inverted.labels(outcome="inadmissible").inc()
-                continue
-            decision = self.bank.offer(inverted[j], degree, candidate.frame_id, id=negative_id(candidate.frame_id), created=time.time())
+            if scores.score[j] >= beta:
+                outputs.append(self.reject(sources[i], "not-confidently-ood",
+                                           f"its score is {scores.score[j]:.4f} here, not below beta {beta} (the record says {candidates[i].score:.4f})"))
+            elif self._within_rate(candidates[i].camera_id):  # the rate limit spends only on what would be inverted
+                kept.append(j)
+        if not kept:
+            self.candidates_seen += len(candidates)
+            return outputs
+        origins = [candidates[fresh[j]].frame_id for j in kept]
+        stats = AdaptStats()
+        proposals = self.scorer.propose(np.stack([vectors[fresh[j]] for j in kept]), _rows(scores, kept), origins, stats, as_published=True)
+        for _ in range(stats.inadmissible):
+            self.metrics.inverted.labels(outcome="inadmissible").inc()
+        self.scorer.apply(proposals, ids=[negative_id(p.origin) for p in proposals], created=time.time())
+        for decision in self.scorer.decisions:
             self.metrics.inverted.labels(outcome=decision.outcome).inc()
             if not decision.accepted:
                 continue
@@ -181,6 +182,10 @@ class InversionWorker(BundleWorker):
         self.follower.restart()
         self.follower.catch_up(beat=self.ops.beat)
         self._bank_metrics()
+
+
+def _rows(scores: Scores, rows: list[int]) -> Scores:
+    return Scores(score=scores.score[rows], id_class=scores.id_class[rows], id_prob=scores.id_prob[rows])
 
 
 def run_inversion_worker(settings: Settings) -> int:

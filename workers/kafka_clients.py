@@ -5,6 +5,7 @@ import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
+from pipeline.errors import ConfigError
 from schemas.settings import KafkaSettings
 from workers.kafka_security import check_security
 
@@ -68,7 +69,7 @@ def make_consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **ex
             missing = [t for t in missing if not consumer.partitions_for_topic(t)]
         if missing:
             consumer.close()
-            raise RuntimeError(f"topics {', '.join(missing)} do not exist (run 'interneg topics' first)")
+            raise ConfigError(f"topics {', '.join(missing)} do not exist (run 'interneg topics' first)")
         consumer.subscribe(list(topics))
     return consumer
 

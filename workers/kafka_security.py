@@ -9,7 +9,7 @@ treats a refused login, a failed TLS handshake or a listener speaking another pr
 a lost connection: its bootstrap reconnects with backoff until ``bootstrap_timeout_ms``
 (30 s) and then raises ``KafkaTimeoutError('Unable to bootstrap ...')``, which names none
 of these causes, and the broker sees a login attempt on every try. The check turns them into one
-:class:`KafkaAuthError` / :class:`KafkaSecurityError` (``ValueError``s: the CLI prints
+:class:`KafkaAuthError` / :class:`KafkaSecurityError` (``ConfigError``s: the CLI prints
 one ``error:`` line and exits 2) after a single attempt.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kafka.protocol.metadata import ApiVersionsRequest, MetadataRequest
 from kafka.protocol.parser import KafkaProtocol
 from kafka.protocol.sasl import SaslAuthenticateRequest, SaslHandshakeRequest
 
+from pipeline.errors import ConfigError
 from schemas.settings import KafkaSettings
 
 ENV = "INTERNEG_KAFKA__"
@@ -38,7 +39,7 @@ EXPECTS = {  # what a listener that hangs up on this protocol probably wants ins
 }
 
 
-class KafkaSecurityError(ValueError):
+class KafkaSecurityError(ConfigError, ValueError):
     """The broker refused this client's security set-up (TLS, protocol or SASL)."""
 
 

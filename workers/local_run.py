@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from kafka import TopicPartition
 
+from pipeline.errors import ConfigError, InputError
 from schemas.messages import FrameScore
 from schemas.settings import Settings
 from workers.kafka_clients import make_consumer
@@ -37,7 +38,7 @@ class Broker:
         subprocess.run(["bash", str(BROKER), "fetch"], check=True, capture_output=True, timeout=900)
         done = subprocess.run(["bash", str(BROKER), "start", str(self.home)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"the local Kafka broker did not start: {(done.stdout + done.stderr)[-800:]}")
+            raise ConfigError(f"the local Kafka broker did not start: {(done.stdout + done.stderr)[-800:]}")
         return done.stdout.strip().splitlines()[-1]
 
     def stop(self) -> None:
@@ -96,7 +97,7 @@ def read_labels(frames: Path) -> dict[str, str] | None:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"file", "kind"} <= set(rows[0]):
-        raise ValueError(f"{path}: needs the columns 'file' and 'kind' (id, or anything else for an unknown)")
+        raise InputError(f"{path}: needs the columns 'file' and 'kind' (id, or anything else for an unknown)")
     return {row["file"]: row["kind"] for row in rows}
 
 
@@ -202,12 +203,13 @@ def local_run(
             echo(f"kafka broker started at {bootstrap} ({out / 'kafka'})")
         settings.kafka.bootstrap_servers = bootstrap
         ensure_topics(settings)
+        settings.method.bundled = list(dict.fromkeys([settings.method.method, "interneg"]))  # what these workers run: no more
         bundle = prepare_bundle(loaded, classes, settings)
         bundle_dir = save_bundle(bundle, out / "bundle")
         settings.worker.bundle = bundle_dir
         if settings.bank.signing_key is None and settings.bank.verify_key is None:
             settings.bank.signing_key, settings.bank.verify_key = run_keypair(out / "keys")
-        echo(f"bundle {bundle_dir}: {len(bundle.class_names)} classes ({', '.join(bundle.class_names)}), {len(bundle.interneg_words)} negatives")
+        echo(f"bundle {bundle_dir}: {len(bundle.class_names)} classes ({', '.join(bundle.class_names)}), {len(bundle.negatives('interneg')[1])} negatives")
         if bundle.prototypes is not None:
             workers.append(WorkerProcess("invert-worker", settings, out / "logs" / "invert-worker.log"))
         scorer = WorkerProcess("score-worker", settings, out / "logs" / "score-worker.log")

@@ -14,14 +14,25 @@ from typing import Callable
 import numpy as np
 
 from kafka import TopicPartition
+from pydantic import ValidationError
 
 from pipeline.bank import FIRST_INVERTED_ID, InvertedNegative, NegativeBank
+from pipeline.errors import ConfigError
 from pipeline.selection import deviation
 from schemas.messages import NegativeRecord, Vector
 from schemas.settings import KafkaSettings
 from workers.delivery import Output, poll_readable
 from workers.kafka_clients import make_consumer
-from workers.signing import NegativeSigner, NegativeVerifier
+from workers.signing import NegativeSigner, NegativeVerifier, SignatureRefused
+
+
+class NotAdmissible(ValueError):
+    """A vector METHOD §2 does not admit as a negative. A ValueError, as the inversion worker
+    and the tests catch it."""
+
+
+class RecordRefused(Exception):
+    """A negatives record that must not reach the bank: malformed, foreign or inadmissible."""
 
 
 def negative_id(origin: str) -> int:
@@ -43,12 +54,12 @@ class NegativeCheck:
         return cls(bundle.prototypes, bundle.base_similarity)
 
     def degree(self, vector: np.ndarray) -> float:
-        """The deviation degree of one stored vector; ValueError if it is not admissible."""
+        """The deviation degree of one stored vector; NotAdmissible if it is not admissible."""
         if self.prototypes is None:  # the inversion worker refuses to run on such a bundle
-            raise ValueError("the bundle was made from a class list: it has no image prototypes, so no inverted negative is admissible")
+            raise NotAdmissible("the bundle was made from a class list: it has no image prototypes, so no inverted negative is admissible")
         found = deviation(np.asarray(vector, dtype=np.float32).reshape(1, -1), self.prototypes, self.base)
         if not found.admissible[0]:
-            raise ValueError("as close to an ID prototype as that class's own text is (METHOD §2)")
+            raise NotAdmissible("as close to an ID prototype as that class's own text is (METHOD §2)")
         return float(found.degree[0])
 
 
@@ -122,14 +133,14 @@ class NegativeFollower:
             if partitions:
                 return partitions
             time.sleep(0.2)
-        raise RuntimeError(f"topic {topic} does not exist (run 'interneg topics' first)")
+        raise ConfigError(f"topic {topic} does not exist (run 'interneg topics' first)")
 
     def apply(self, key: bytes | None, value: bytes | None, headers=()) -> None:
         try:
             if self.verifier is not None:
                 self.verifier.check(self.topic, key, value, headers)
             if key is None or not (key.isascii() and key.isdigit()) or len(key) > 19 or int(key) >= 2**63:
-                raise ValueError("the key must be a negative id: 0 to 2^63-1 in ASCII digits")
+                raise RecordRefused("the key must be a negative id: 0 to 2^63-1 in ASCII digits")
             negative = int(key)
             if value is not None and negative in self.seen_ids and negative not in self.bank.entries:
                 # an id once removed stays removed (ids are never reused): the inversion worker
@@ -150,18 +161,27 @@ class NegativeFollower:
             else:
                 record = NegativeRecord.from_bytes(value)
                 if record.id != negative:
-                    raise ValueError(f"key {negative} carries record {record.id}")
-                vector = record.vector.to_numpy(model_id=self.model_id, dim=self.bank.dim)
+                    raise RecordRefused(f"key {negative} carries record {record.id}")
+                try:
+                    vector = record.vector.to_numpy(model_id=self.model_id, dim=self.bank.dim)
+                except ValueError as exc:  # another model's vector, or another width
+                    raise RecordRefused(str(exc)) from None
                 try:
                     degree = self.check.degree(vector)
-                except ValueError as exc:
-                    raise ValueError(f"negative {negative} refused: {exc}") from None
+                except NotAdmissible as exc:
+                    raise RecordRefused(f"negative {negative} refused: {exc}") from None
                 entry = InvertedNegative(record.id, degree, record.origin, record.created, tuple(record.nearest_words))
-                self.unannounced.update(self.bank.put(entry, vector))
+                try:
+                    evicted = self.bank.put(entry, vector)
+                except ValueError as exc:  # the bank checks the vector's norm and the id before it changes
+                    raise RecordRefused(str(exc)) from None
+                self.unannounced.update(evicted)
                 self.seen_ids.add(negative)
             self.applied += 1
             self.last_applied_at = time.time()
-        except ValueError as exc:  # a malformed or foreign record never reaches the bank (ValidationError is one)
+        # A malformed, foreign or unsigned record never reaches the bank, and never stops the
+        # worker. Anything else (a ValueError of numpy in the deviation, say) is a bug: it raises.
+        except (RecordRefused, SignatureRefused, ValidationError) as exc:
             self._reject("negative record rejected", key=repr(key)[:80], error=str(exc)[:300])
 
     def _reject(self, event: str, **fields) -> None:

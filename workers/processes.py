@@ -31,6 +31,8 @@ def settings_env(settings: Settings, prefix: str = "INTERNEG_") -> dict[str, str
                 env[key] = value.get_secret_value()  # the child needs the secret itself, not its mask
             elif value is None:  # explicitly: unset would mean the default, or whatever the parent's environment says
                 env[key] = "null"
+            elif isinstance(value, (list, tuple, dict)):
+                env[key] = json.dumps(value)  # pydantic-settings reads complex values as JSON
             else:
                 env[key] = str(value) if not isinstance(value, bool) else ("true" if value else "false")
 

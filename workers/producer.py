@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from kafka.producer.future import FutureRecordMetadata, RecordMetadata
 
+from pipeline.errors import ConfigError, InputError, InterNegError
 from pipeline.images import IMAGE_SUFFIXES, list_images
 from schemas.messages import CONTENT_TYPES, H_CAMERA_ID, H_CONTENT_TYPE, H_FRAME_ID, H_TS
 from schemas.settings import Settings
@@ -36,7 +37,7 @@ MAX_IN_FLIGHT = 1000  # sends not yet checked; beyond this the oldest is waited 
 OCTET_STREAM = "application/octet-stream"
 
 
-class ProduceError(RuntimeError):
+class ProduceError(InterNegError):
     """A record was not acknowledged by the broker; names the frame and the source."""
 
 
@@ -153,7 +154,7 @@ def _expand_sources(sources: Sequence[Path]) -> list[tuple[str, Path]]:
         elif not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
         else:
-            raise ValueError(f"{path}: neither a file nor a folder")
+            raise InputError(f"{path}: neither a file nor a folder")
     return items
 
 
@@ -165,7 +166,7 @@ def _video_frames(path: Path, rate: float | None) -> Iterator[_Frame]:
     try:
         import av
     except ImportError as exc:  # pragma: no cover - av is a dependency
-        raise RuntimeError("reading video needs PyAV: pip install av") from exc
+        raise ConfigError("reading video needs PyAV: pip install av") from exc
 
     n = -1
     try:
@@ -264,13 +265,13 @@ def produce(
     Missing sources raise FileNotFoundError before anything is sent.
     """
     if not camera_id:
-        raise ValueError("camera_id must not be empty")
+        raise ConfigError("camera_id must not be empty")
     if rate is not None and rate <= 0:
-        raise ValueError(f"rate must be positive, got {rate}")
+        raise ConfigError(f"rate must be positive, got {rate}")
     if loop < 0:
-        raise ValueError(f"loop must be >= 0, got {loop}")
+        raise ConfigError(f"loop must be >= 0, got {loop}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise ConfigError(f"limit must be >= 0, got {limit}")
     items = _expand_sources(sources)
     topic = settings.topics.frames
     report = ProduceReport(topic=topic, camera_id=camera_id)

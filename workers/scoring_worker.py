@@ -17,7 +17,8 @@ from PIL import Image
 
 from pipeline.images import ImageRejected, check_dimensions, decode_image
 from pipeline.preprocess import BatchPreprocessor, UnsupportedTransform, decode_jpegs_on_device
-from pipeline.scorers import InterNegScorer, scorer_from_bundle
+from pipeline.methods import scorer_from_bundle
+from pipeline.scorers import Scores, judge
 from schemas.messages import (
     CONTENT_TYPES,
     H_CAMERA_ID,
@@ -118,15 +119,72 @@ def parse_frame(record: ConsumerRecord) -> Frame:
     return Frame(record, frame_id, camera_id, ts_ms, content_type)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """What the output rules need beyond the batch itself (fixed for a worker's life)."""
+
+    scores_topic: str
+    alerts_topic: str
+    candidates_topic: str
+    threshold: float
+    candidate_below: float | None  # publish inversion candidates below this score; None: the method wants none
+    method: str
+    model_id: str
+    worker: str
+    class_names: list[str]
+
+
+def to_outputs(frames: list[Frame], emb, result: Scores, explanations: list, routing: Routing, *, bank_version: int,
+               bank_size: int, now_ms: int, timings: Timings) -> list[Output]:
+    """A scored batch's records: a score per frame, an alert per OOD frame, a candidate per
+    confidently-OOD frame when the method adapts remotely. Pure: no Kafka, no clock, no state."""
+    outputs = []
+    for i, frame in enumerate(frames):
+        r = frame.record
+        score = float(result.score[i])
+        common = dict(
+            frame_id=frame.frame_id,
+            camera_id=frame.camera_id,
+            ts_ms=frame.ts_ms,
+            source=SourceRef(topic=r.topic, partition=r.partition, offset=r.offset),
+            method=routing.method,
+            score=score,
+            threshold=routing.threshold,
+            id_class=routing.class_names[int(result.id_class[i])],
+            id_prob=float(result.id_prob[i]),
+            negatives=[WeighedNegative(label=label, cos=cos) for label, cos in explanations[i]],
+            bank_version=bank_version,
+            bank_size=bank_size,
+            model_id=routing.model_id,
+            worker=routing.worker,
+            scored_at_ms=now_ms,
+        )
+        verdict = judge(score, routing.threshold)
+        key = frame.frame_id.encode()
+        outputs.append(Output(routing.scores_topic, key, FrameScore(**common, verdict=verdict, timings=timings).to_bytes(), source=r))
+        if verdict == "ood":
+            outputs.append(Output(routing.alerts_topic, key, OODAlert(**common).to_bytes(), source=r))
+        if routing.candidate_below is not None and score < routing.candidate_below:
+            candidate = Candidate(frame_id=frame.frame_id, camera_id=frame.camera_id, source=common["source"], score=score,
+                                  embedding=Vector.from_numpy(emb[i], routing.model_id), created_ms=now_ms)
+            outputs.append(Output(routing.candidates_topic, key, candidate.to_bytes(), source=r))
+    return outputs
+
+
 class ScoringWorker(BundleWorker):
     role = "scoring"
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.scorer = scorer_from_bundle(self.bundle, settings, inverter=None)  # scoring workers never invert
-        if isinstance(self.scorer, InterNegScorer):
+        if self.scorer.adapts_remotely:
             self.bank = self.scorer.bank  # followed from ood.negatives
-        self.wants_candidates = isinstance(self.scorer, InterNegScorer) and self.bundle.prototypes is not None
+        t = settings.topics
+        self.routing = Routing(
+            scores_topic=t.scores, alerts_topic=t.alerts, candidates_topic=t.candidates, threshold=settings.method.threshold,
+            candidate_below=settings.method.beta if self.scorer.adapts_remotely else None, method=self.scorer.name,
+            model_id=self.loaded.model_id, worker=self.name, class_names=self.bundle.class_names,
+        )
         self.pool = ThreadPoolExecutor(settings.worker.decode_threads, thread_name_prefix="decode")
         try:
             self.preprocessor = BatchPreprocessor.for_model(self.loaded.model, self.loaded.crop_fraction)
@@ -134,13 +192,14 @@ class ScoringWorker(BundleWorker):
             self.preprocessor = None  # the model's own per-image transform
         self.gpu_decode = settings.worker.gpu_decode and self.loaded.device.type == "cuda" and self.preprocessor is not None
         self.frames_scored = 0
+        self.adaptations = 0  # changes this replica made to its own state (AdaNeg's memory writes)
 
     def input(self) -> tuple[str, str, int]:
         s = self.settings
         return s.topics.frames, s.kafka.scoring_group, s.worker.batch_size
 
     def counters(self) -> dict:
-        return {"method": self.scorer.name, "frames_scored": self.frames_scored}
+        return {"method": self.scorer.name, "frames_scored": self.frames_scored, "adaptations": self.adaptations}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -218,7 +277,6 @@ class ScoringWorker(BundleWorker):
 
     def handle(self, records: list[ConsumerRecord], prepared: Prepared | None = None) -> list[Output]:
         prepared = prepared if prepared is not None else self.decode_batch(records)
-        t = self.settings.topics
         outputs = [self._reject_frame(record, reason, detail) for record, reason, detail in prepared.rejected]
         kept = prepared.frames
         if not kept:
@@ -239,53 +297,21 @@ class ScoringWorker(BundleWorker):
             batch_size=n,
         )
         self.stage_seconds = {"decode": prepared.seconds, "encode": encoded - decoded, "score": scored - encoded}
-        threshold = self.settings.method.threshold
         now_ms = int(time.time() * 1000)
-        bank_size = len(self.bank.entries) if self.bank is not None else 0
-        bank_version = self.bank.version if self.bank is not None else 0
-        for i, frame in enumerate(kept):
-            r = frame.record
-            score = float(result.score[i])
-            message = dict(
-                frame_id=frame.frame_id,
-                camera_id=frame.camera_id,
-                ts_ms=frame.ts_ms,
-                source=SourceRef(topic=r.topic, partition=r.partition, offset=r.offset),
-                method=self.scorer.name,
-                score=score,
-                threshold=threshold,
-                verdict="ood" if score < threshold else "id",
-                id_class=self.bundle.class_names[int(result.id_class[i])],
-                id_prob=float(result.id_prob[i]),
-                negatives=[WeighedNegative(label=label, cos=cos) for label, cos in explanations[i]],
-                bank_version=bank_version,
-                bank_size=bank_size,
-                model_id=self.loaded.model_id,
-                worker=self.name,
-                scored_at_ms=now_ms,
-                timings=timings,
-            )
-            key = frame.frame_id.encode()
-            outputs.append(Output(t.scores, key, FrameScore(**message).to_bytes(), source=r))
-            self.metrics.frames.labels(outcome="scored").inc()
-            if score < threshold:
-                outputs.append(Output(t.alerts, key, OODAlert(**message).to_bytes(), source=r))
-                self.metrics.frames.labels(outcome="alert").inc()
-            if self.wants_candidates and score < self.settings.method.beta:
-                candidate = Candidate(
-                    frame_id=frame.frame_id,
-                    camera_id=frame.camera_id,
-                    source=message["source"],
-                    score=score,
-                    embedding=Vector.from_numpy(emb[i], self.loaded.model_id),
-                    created_ms=now_ms,
-                )
-                outputs.append(Output(t.candidates, key, candidate.to_bytes(), source=r))
-                self.metrics.frames.labels(outcome="candidate").inc()
+        bank = self.bank
+        produced = to_outputs(kept, emb, result, explanations, self.routing, bank_version=bank.version if bank is not None else 0,
+                              bank_size=len(bank.entries) if bank is not None else 0, now_ms=now_ms, timings=timings)
+        if self.scorer.adapts and not self.scorer.adapts_remotely:  # AdaNeg: this replica's own memory, for the next batch
+            self.adaptations += self.scorer.apply(self.scorer.propose(emb, result, [f.frame_id for f in kept]))
+        t = self.settings.topics
+        for output in produced:
+            outcome = {t.scores: "scored", t.alerts: "alert", t.candidates: "candidate"}[output.topic]
+            self.metrics.frames.labels(outcome=outcome).inc()
+        for frame in kept:
             if frame.ts_ms is not None:
                 self.metrics.end_to_end_seconds.observe(max(0.0, now_ms - frame.ts_ms) / 1000)
         self.frames_scored += n
-        return outputs
+        return outputs + produced
 
     def _reject_frame(self, record: ConsumerRecord, reason: str, detail: str) -> Output:
         self.metrics.frames.labels(outcome="deadletter").inc()

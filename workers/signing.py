@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from pipeline.errors import ConfigError
 from schemas.messages import H_SIGNATURE
 
 DOMAIN = b"interneg/ood.negatives/v1"
@@ -41,17 +42,17 @@ def signed_bytes(topic: str, key: bytes | None, value: bytes | None) -> bytes:
 
 
 def _load_key(path: Path, what: str, form: str, load, expected: type):
-    """The Ed25519 key ``load`` reads from the PEM file at ``path``; ValueError naming the file otherwise."""
+    """The Ed25519 key ``load`` reads from the PEM file at ``path``; ConfigError naming the file otherwise."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
     try:
         key = load(data)
     except (ValueError, TypeError):
-        raise ValueError(f"{path}: not {form} {what} (make one with 'interneg keygen')") from None
+        raise ConfigError(f"{path}: not {form} {what} (make one with 'interneg keygen')") from None
     if not isinstance(key, expected):
-        raise ValueError(f"{path}: an Ed25519 {what} is needed, this is {type(key).__name__}")
+        raise ConfigError(f"{path}: an Ed25519 {what} is needed, this is {type(key).__name__}")
     return key
 
 
@@ -110,7 +111,7 @@ def generate_keypair(directory: Path) -> tuple[Path, Path]:
     private_path, public_path = directory / SIGNING_KEY_FILE, directory / VERIFY_KEY_FILE
     for path in (private_path, public_path):
         if path.exists():
-            raise ValueError(f"{path} exists: remove it first (the negatives it signed would no longer verify)")
+            raise ConfigError(f"{path} exists: remove it first (the negatives it signed would no longer verify)")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -128,7 +129,7 @@ def keys_from_settings(bank) -> tuple[NegativeSigner | None, NegativeVerifier | 
     signer = NegativeSigner.from_file(bank.signing_key) if bank.signing_key is not None else None
     verifier = NegativeVerifier.from_file(bank.verify_key) if bank.verify_key is not None else None
     if signer is not None and verifier is not None and signer.verifier().fingerprint() != verifier.fingerprint():
-        raise ValueError(f"{bank.signing_key} and {bank.verify_key} are not one key pair: the workers would refuse every negative")
+        raise ConfigError(f"{bank.signing_key} and {bank.verify_key} are not one key pair: the workers would refuse every negative")
     if verifier is None and signer is not None:
         verifier = signer.verifier()
     return signer, verifier

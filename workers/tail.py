@@ -15,6 +15,7 @@ from typing import TextIO
 from kafka import TopicPartition
 from pydantic import ValidationError
 
+from pipeline.errors import InterNegError
 from schemas.messages import FrameScore
 from schemas.settings import Settings
 from workers.delivery import poll_readable
@@ -23,7 +24,7 @@ from workers.kafka_clients import make_consumer
 POLL_MS = 500
 
 
-class TailError(RuntimeError):
+class TailError(InterNegError):
     """The tail cannot start (e.g. the topic does not exist)."""
 
 

@@ -14,6 +14,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
+from pipeline.errors import ConfigError
 from schemas.settings import Settings
 from workers.delivery import BatchLoop, BatchStats, Output, Stall, dead_letter, fitting
 from workers.kafka_clients import make_consumer, make_producer
@@ -29,7 +30,7 @@ class BundleWorker(ABC):
 
     def __init__(self, settings: Settings):
         if settings.worker.bundle is None:
-            raise ValueError(f"the {self.role} worker needs a bundle: set INTERNEG_WORKER__BUNDLE or --bundle")
+            raise ConfigError(f"the {self.role} worker needs a bundle: set INTERNEG_WORKER__BUNDLE or --bundle")
         self.settings = settings
         self.name = settings.worker.name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
         self.log = get_logger(self.role).bind(worker=self.name)

@@ -673,7 +673,7 @@ def write_simulation(params: SimulationParams, out_dir: Path, settings) -> list[
     from pipeline.methods import METHOD_NAMES
 
     settings = settings.model_copy(deep=True)
-    settings.method.bundled = list(METHOD_NAMES)  # simulated prompts cost nothing: every method
+    settings.method.bundled = list(METHOD_NAMES)  # simulated prompts cost nothing: every method, CSP included
     settings.method.adaneg_negatives = max(1, round(settings.method.adaneg_negatives * len(world.lexicon_words) / 70_000))
     bundle = build_bundle(
         model_id=model_id,

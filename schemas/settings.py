@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Method = Literal["mcm", "neglabel", "adaneg", "interneg"]  # the registry's names (pipeline/methods); a test keeps them equal
+Method = Literal["mcm", "neglabel", "csp", "adaneg", "interneg"]  # the registry's names (pipeline/methods); a test keeps them equal
 Profile = Literal["stream", "paper"]
 
 # The paper profile (METHOD §7b): what the released code does where a live deployment wants
@@ -71,6 +71,8 @@ class MethodSettings(BaseModel):
     neglabel_fraction: float = Field(0.15, gt=0, le=1)
     neglabel_percentile: float = Field(0.95, gt=0, le=1)
     mcm_temperature: float = Field(1.0, gt=0)
+    csp_groups: int = Field(100, gt=0, description="G for CSP")
+    csp_seed: int = Field(0, description="seed of the superclass word drawn for each adjective (CSP)")
     adaneg_negatives: int = Field(10_000, gt=0, description="negatives AdaNeg selects")
     adaneg_groups: int = Field(5, gt=0, description="G for AdaNeg")
     adaneg_memory: int = Field(10, ge=2, description="AdaNeg's memory per label: its text and this many images less one")
@@ -79,7 +81,8 @@ class MethodSettings(BaseModel):
     adaneg_mix: float = Field(0.1, ge=0, description="weight of the texts-only score (and probabilities) beside the adapted one")
     bundled: list[Method] = Field(
         ["mcm", "neglabel", "adaneg", "interneg"],
-        description="methods whose state 'interneg prepare' puts in a bundle",
+        description="methods whose state 'interneg prepare' puts in a bundle; CSP is left out by default because it "
+        "encodes ~7 prompts per word (an hour of CPU with ViT-B/16): add it with 'interneg prepare --methods all'",
     )
     beta: float = Field(0.35, description="frames scoring below beta are confidently OOD (inversion candidates)")
     threshold: float = Field(0.5, description="frames scoring below this are judged OOD")

@@ -70,7 +70,8 @@ def test_eval_on_image_folders_writes_table_json_and_plots(prepared, images, tin
                "--batch-size", "4", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "interneg  novel" in done.stdout and "FPR95 (OOD+)" in done.stdout
-    # 'all' is every method the bundle carries
+    # 'all' is every method the bundle carries (CSP is not bundled by default), the others named
+    assert "not in the bundle: csp" in done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     carried = ("mcm", "neglabel", "adaneg", "interneg")
     assert set(metrics["mean"]) == set(carried)
@@ -86,9 +87,9 @@ def test_simulate_then_eval_both_protocols(tmp_path, capsys):
     paper = json.loads((tmp_path / "paper" / "metrics.json").read_text())
     later = json.loads((tmp_path / "async" / "metrics.json").read_text())
     assert later["protocol"] == {"kind": "async", "batch_size": 256, "delay": 3, "seed": 0}
-    # a simulated bundle carries every method, in the registry's order
-    assert [r["method"] for r in paper["results"][::2]] == ["mcm", "neglabel", "adaneg", "interneg"]
-    assert len(paper["results"]) == 8 and len(later["results"]) == 2
+    # a simulated bundle carries all five methods, in the registry's order
+    assert [r["method"] for r in paper["results"][::2]] == ["mcm", "neglabel", "csp", "adaneg", "interneg"]
+    assert len(paper["results"]) == 10 and len(later["results"]) == 2
     out = capsys.readouterr().out
     assert "protocol async (delay 3 batches)" in out
     assert "adaneg/near: " in out and "interneg/far: " in out  # what each adaptive method proposed and applied

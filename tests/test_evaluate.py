@@ -73,7 +73,7 @@ def test_simulated_evaluation_resets_the_bank_per_set_and_writes_plots(tmp_path)
     write_simulation(params, tmp_path, settings)
     bundle = load_bundle(tmp_path / "bundle")
     inverter = SimulatedInverter(bundle.extras["modality_gap"], text_mean=bundle.extras["text_mean"])
-    methods = ("mcm", "neglabel", "adaneg", "interneg")
+    methods = ("mcm", "neglabel", "csp", "adaneg", "interneg")
     scorers = {m: scorer_from_bundle(bundle, settings, m, inverter) for m in methods}
     id_features = load_features(tmp_path / "id.npz")[0]
     ood = {name: load_features(tmp_path / f"{name}.npz")[0] for name in ("near", "far")}

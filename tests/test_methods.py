@@ -1,4 +1,4 @@
-"""The method registry, and the steps that distinguish AdaNeg, against hand-computed values."""
+"""The method registry, and the steps that distinguish CSP and AdaNeg, against hand-computed values."""
 import math
 from typing import get_args
 
@@ -9,6 +9,7 @@ from pipeline.bank import NegativeBank
 from pipeline.lexicon import Lexicon
 from pipeline.methods import METHOD_NAMES, UnknownMethod, method_class
 from pipeline.methods.adaneg import AdaNeg
+from pipeline.methods.csp import CONJUGATIONS, CSP, conjugate, csp_distance, ensemble
 from pipeline.scorers import AdaptStats, MethodInputs, Proposal, Scorer
 from pipeline.selection import select_adaneg, sorted_index_distance
 from schemas.settings import Method, Settings
@@ -20,13 +21,66 @@ def unit(*xs):
 
 
 def test_the_registry_is_the_one_list_of_methods():
-    assert METHOD_NAMES == ("mcm", "neglabel", "adaneg", "interneg")
+    assert METHOD_NAMES == ("mcm", "neglabel", "csp", "adaneg", "interneg")
     assert set(get_args(Method)) == set(METHOD_NAMES)  # the setting accepts exactly the registered names
     for name in METHOD_NAMES:
         cls = method_class(name)
         assert issubclass(cls, Scorer) and cls.name == name
-    with pytest.raises(UnknownMethod, match="unknown method 'odin'.*mcm, neglabel, adaneg, interneg"):
+    with pytest.raises(UnknownMethod, match="unknown method 'odin'.*mcm, neglabel, csp, adaneg, interneg"):
         method_class("odin")
+
+
+# --- CSP ---------------------------------------------------------------------------------
+
+def test_csp_distance_is_neglabels_quantile_except_for_near_duplicates_of_a_class():
+    id_text = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
+    candidates = np.stack([unit(0.96, 0.28, 0), unit(0.6, 0.8, 0), unit(0, 0, 1)])
+    # cos to the two ID texts: (0.96, 0.28), (0.6, 0.8), (0, 0); torch.quantile(0.95) of two values a<b is a + 0.95 (b - a)
+    got = csp_distance(candidates, id_text, 0.95)
+    np.testing.assert_allclose(got, [1.0, 0.6 + 0.95 * 0.2, 0.0], atol=1e-6)  # 0.96 > 0.95: never a negative
+
+
+def test_csp_ensembles_average_the_templates_then_normalise():
+    table = {"a x": unit(1, 0), "b x": unit(0, 1), "a y": unit(1, 0), "b y": unit(1, 0)}
+    got = ensemble(lambda prompts: np.stack([table[p] for p in prompts]), ["x", "y"], ("a {}", "b {}"))
+    np.testing.assert_allclose(got, [unit(1, 1), unit(1, 0)], atol=1e-6)
+
+
+def test_csp_conjugates_each_adjective_with_one_superclass_word_drawn_from_a_seeded_generator():
+    import random
+
+    adjectives = [f"adj{i}" for i in range(30)]
+    draw = random.Random(0)
+    expected = [f"adj{i} {draw.choice(CONJUGATIONS)[3:]}" for i in range(30)]  # "{} creature" -> "creature"
+    assert conjugate(adjectives, 0) == expected
+    assert len({p.split()[1] for p in expected}) > 5  # not one word for all
+    assert conjugate(adjectives, 1) != expected
+
+
+def test_csp_prepare_selects_the_lowest_half_per_part_nouns_first_over_its_own_prompts():
+    # a fake text encoder: each phrase's direction is fixed, so the ensemble is that direction
+    directions = {"cat": unit(1, 0, 0, 0), "wolf": unit(0.9, 0.1, 0.1, 0), "rock": unit(0, 0, 1, 0), "sea": unit(0, 0.2, 0, 1)}
+
+    def encode(prompts):
+        out = []
+        for p in prompts:
+            phrase = next(w for w in sorted(directions, key=len, reverse=True) if w in p)
+            extra = 0.3 if any(s.split()[1] in p for s in CONJUGATIONS) else 0.0  # a conjugated phrase leans on axis 3
+            out.append(unit(*(directions[phrase] + np.array([0, 0, 0, extra]))))
+        return np.stack(out)
+
+    directions.update({"furry": unit(0.8, 0.6, 0, 0), "wet": unit(0, 0, 0.2, 1), "stony": unit(0.1, 0, 1, 0.1)})
+    lex = Lexicon(["wolf", "rock", "sea", "furry", "wet", "stony"], np.array([0, 0, 0, 1, 1, 1], bool))
+    s = Settings()
+    s.method.neglabel_fraction = 0.5  # int(3 * 0.5) = 1 noun and 1 adjective
+    inputs = MethodInputs(class_names=["cat"], id_text=encode(["The nice cat."]), prototypes=None, lexicon=lex,
+                          lexicon_emb=encode(lex.prompts), encode=encode)
+    state = CSP.prepare(inputs, s)
+    # with one ID class the 0.95-quantile is the cos itself: the farthest noun is rock (cos 0), then the farthest adjective
+    words = state.words["words"]
+    assert words[0] == "rock" and len(words) == 2
+    assert words[1].startswith("wet ") and words[1].split()[1] in {c.split()[1] for c in CONJUGATIONS}
+    np.testing.assert_allclose(state.arrays["id_text"][0], unit(1, 0, 0, 0), atol=1e-6)
 
 
 # --- AdaNeg ------------------------------------------------------------------------------

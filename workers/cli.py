@@ -68,7 +68,7 @@ def prepare(
     model: Annotated[Optional[str], typer.Option(help="open_clip model (overrides INTERNEG_MODEL__NAME)")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="weights tag or local file (overrides INTERNEG_MODEL__PRETRAINED)")] = None,
     profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
-    methods: Annotated[Optional[str], typer.Option(help="methods the bundle carries: a comma list or 'all' (default: INTERNEG_METHOD__BUNDLED: all)")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="methods the bundle carries: a comma list or 'all' (default: INTERNEG_METHOD__BUNDLED: all but csp, the slowest to prepare)")] = None,
 ) -> None:
     """Build a detector bundle: ID embeddings, prototypes, and each method's negatives."""
     from pipeline.bundle import prepare_bundle, save_bundle

@@ -13,6 +13,7 @@ from pipeline.errors import ConfigError
 METHODS: dict[str, str] = {
     "mcm": "pipeline.methods.mcm:MCM",
     "neglabel": "pipeline.methods.neglabel:NegLabel",
+    "csp": "pipeline.methods.csp:CSP",
     "adaneg": "pipeline.methods.adaneg:AdaNeg",
     "interneg": "pipeline.methods.interneg:InterNeg",
 }

@@ -140,8 +140,10 @@ class InversionWorker(BundleWorker):
         proposals = self.scorer.propose(np.stack([vectors[fresh[j]] for j in kept]), _rows(scores, kept), origins, stats, as_published=True)
         for _ in range(stats.inadmissible):
             self.metrics.inverted.labels(outcome="inadmissible").inc()
-        self.scorer.apply(proposals, ids=[negative_id(p.origin) for p in proposals], created=time.time())
-        for decision in self.scorer.decisions:
+        for proposal in proposals:  # one at a time: a negative is published while it is in the bank, before a
+            # later one of this batch can evict it (its tombstone then follows it)
+            self.scorer.apply([proposal], ids=[negative_id(proposal.origin)], created=time.time())
+            decision = self.scorer.decisions[0]
             self.metrics.inverted.labels(outcome=decision.outcome).inc()
             if not decision.accepted:
                 continue

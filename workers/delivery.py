@@ -52,6 +52,9 @@ can de-duplicate):
 
 kafka-python 3 heartbeats from a background thread, so a long batch does not miss
 heartbeats; only max.poll.interval.ms bounds it (KafkaSettings.max_poll_interval_ms).
+The kafka-python private names this module needs (the half-joined test, the skip of an
+undecodable record, abort_transaction's forgetting) are read only in workers/kafka_adapter.py,
+which BatchLoop has check them before its first batch (KafkaInternalsError if one is missing).
 
 Exactly-once mode (``WorkerSettings.exactly_once``): each batch is one Kafka transaction
 holding its outputs and its input offsets (``send_offsets_to_transaction`` with the
@@ -86,7 +89,7 @@ still overlaps); the failure table becomes:
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -105,6 +108,7 @@ from kafka.errors import (
 from kafka.structs import MemberState, OffsetAndMetadata
 
 from schemas.messages import H_DL_DETAIL, H_DL_OFFSET, H_DL_PARTITION, H_DL_REASON, H_DL_TOPIC, H_DL_TRUNCATED, H_DL_WORKER
+from workers import kafka_adapter
 
 Headers = list[tuple[str, bytes]]
 
@@ -264,10 +268,7 @@ def abort_transaction(producer: KafkaProducer) -> None:
     transaction completes.
     """
     producer.abort_transaction()
-    manager = getattr(producer, "_transaction_manager", None)
-    pending = getattr(manager, "_pending_txn_offset_commits", None)
-    if pending:
-        pending.clear()
+    kafka_adapter.forget_pending_offsets(producer)  # KafkaInternalsError if kafka-python renamed the set
 
 
 @dataclass(frozen=True)
@@ -294,11 +295,10 @@ def poll_readable(consumer: KafkaConsumer, timeout_ms: int, max_records: int | N
     try:
         return consumer.poll(timeout_ms=timeout_ms, **({} if max_records is None else {"max_records": max_records}))
     except CorruptRecordError as exc:
-        # The client keeps the partition it was draining in a private attribute; if a client
-        # upgrade renames it, the error propagates as before (the worker exits) instead of a
-        # blind skip: a test sends such a record, so the upgrade is caught here.
-        records = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
-        tp = getattr(records, "topic_partition", None)
+        # The client keeps the partition it was draining in a private attribute (read by the
+        # adapter): if a client upgrade renames it, KafkaInternalsError says so (the worker
+        # exits) instead of a blind skip; BatchLoop checks the name before its first batch.
+        tp = kafka_adapter.draining_partition(consumer)
         if tp is None or tp not in consumer.assignment():
             raise
         offset = consumer.position(tp)
@@ -454,6 +454,185 @@ class BatchStats:
     stages: dict[str, float] = field(default_factory=dict)  # seconds: poll, prepare, wait, handle, send, confirm, commit
 
 
+@dataclass
+class Prefetched:
+    """A batch polled and being prepared in the background (the overlapped loop)."""
+
+    batch: list[ConsumerRecord]
+    prepared: Future  # of (what prepare returned, its seconds): BatchLoop._timed_prepare
+    poll_s: float
+    group: Any  # the group membership it was polled under (BatchLoop._poll)
+
+
+@dataclass
+class InFlight:
+    """A batch handled and its outputs sent, not yet confirmed and committed."""
+
+    batch: list[ConsumerRecord]
+    outputs: list[Output]
+    futures: list  # the producer's, one per output
+    stages: dict[str, float]  # seconds so far (poll, prepare, wait, handle, send); confirm and commit are added
+    group: Any  # the membership it was polled under: exactly-once commits with it (see BatchLoop._poll)
+
+
+class OffsetCommit:
+    """At-least-once (the module's first table): the outputs are sent outside any transaction
+    and the consumer commits the batch's input offsets once every output is acknowledged.
+
+    The strategies have the same methods; BatchLoop picks one when it is built and never asks
+    which it has. A refused commit sets the loop's ``_refused``, which its next stable poll
+    heals (BatchLoop._poll) and its liveness watch reads (BatchLoop._waiting).
+    """
+
+    def __init__(self, loop: BatchLoop):
+        self.loop = loop
+
+    def check(self) -> None:
+        """The kafka-python private names it relies on besides the consumer's: none."""
+
+    def start(self) -> None:
+        """Before the first batch: nothing to set up."""
+
+    def begin(self) -> None:
+        """Before a batch's outputs are sent: nothing (no transaction)."""
+
+    def reseek_after_poll(self, membership_changed: bool) -> bool:
+        """Whether a poll must be dropped and the positions reset to the committed offsets
+        because of a new membership: no, a position kept across a rebalance is this
+        member's own progress (a refused commit is the loop's affair, for both strategies)."""
+        return False
+
+    def confirm_and_commit(self, in_flight: InFlight) -> tuple[float | None, bool]:
+        """Wait for the acknowledgements, then commit: when the last one was in, and whether it committed."""
+        confirm(self.loop.producer, in_flight.futures)
+        acked = time.perf_counter()
+        return acked, self._commit_offsets(in_flight.batch)
+
+    def settle(self, sent: InFlight) -> tuple[InFlight | None, bool]:
+        """Right after a batch is sent (the overlapped loop): what stays in flight, and whether
+        the positions were rewound (the prefetched batch is then stale). Here the batch stays
+        in flight: its acknowledgements arrive while the next batch is handled."""
+        return sent, False
+
+    def settled(self, stats: BatchStats) -> bool:
+        """After a batch was committed or not: whether the positions were rewound. A refused
+        commit here is redone after the loop's next stable poll, not at once."""
+        return False
+
+    def _commit_offsets(self, batch: list[ConsumerRecord]) -> bool:
+        loop = self.loop
+        offsets = next_offsets(batch)
+        owned = loop.consumer.assignment()
+        moved = [r for r in batch if TopicPartition(r.topic, r.partition) not in owned]
+        if moved:
+            # A rebalance completed since this batch was polled and gave some of its partitions
+            # to another member, which resumed from their committed offsets: it redoes these
+            # records whatever happens here. The broker would still take this member's commit
+            # (the generation is current), and could move a committed offset back behind what
+            # the new owner has committed since: more records redone at the next rebalance.
+            # Mid-rebalance the assignment can also be empty for a moment and the partitions come
+            # back to this member: as after a refused commit, the member then resumes from the
+            # committed offsets once stable (_poll), so what it keeps is redone here.
+            offsets = {tp: o for tp, o in offsets.items() if tp in owned}
+            loop._refused = True
+            if loop.log is not None:
+                loop.log.warning("commit skipped: partitions moved to another member", records=len(moved))
+            if not offsets:
+                return False
+        deadline = time.monotonic() + COMMIT_RETRY_S
+        while True:
+            try:
+                loop.consumer.commit(offsets)
+                return True
+            except COMMIT_REFUSED as exc:  # a rebalance: the batch is redone by whoever owns it next
+                loop._refused = True  # here too, if this member keeps the partition (see _poll)
+                if loop.log is not None:
+                    loop.log.warning("commit refused after rebalance", error=str(exc), records=len(batch))
+                return False
+            except KafkaError as exc:
+                if not exc.retriable:  # connection refused, coordinator unknown, timeouts are retriable
+                    raise
+                if time.monotonic() > deadline:
+                    if loop.log is not None:
+                        loop.log.warning("commit skipped: broker unreachable", error=str(exc), records=len(batch))
+                    return False
+                time.sleep(0.5)
+
+
+class TransactionCommit:
+    """Exactly-once (the module's second table): each batch is one transaction holding its
+    outputs and its input offsets, committed before the next batch is handled; an aborted
+    one is rewound to the committed offsets and redone. The producer needs a transactional id.
+    """
+
+    def __init__(self, loop: BatchLoop):
+        self.loop = loop
+
+    def check(self) -> None:
+        """The producer's private names abort_transaction relies on (kafka_adapter)."""
+        kafka_adapter.check_transactional_producer(self.loop.producer)
+
+    def start(self) -> None:
+        self.loop.producer.init_transactions()  # aborts what a dead predecessor with this id left open
+
+    def begin(self) -> None:
+        self.loop.producer.begin_transaction()
+
+    def reseek_after_poll(self, membership_changed: bool) -> bool:
+        """After every rebalance: kafka-python keeps the position of a partition this member
+        held before and holds after it, even when another member owned it in between (in a
+        generation whose assignment never reached this one) and committed past that position:
+        redoing from there commits those frames twice. Only the committed offsets can be trusted."""
+        return membership_changed
+
+    def confirm_and_commit(self, in_flight: InFlight) -> tuple[float | None, bool]:
+        """The acknowledgements are awaited inside the commit (None: not timed apart from it)."""
+        return None, self._commit_transaction(in_flight.batch, in_flight.futures, in_flight.group)
+
+    def settle(self, sent: InFlight) -> tuple[InFlight | None, bool]:
+        """One transaction at a time: the batch is committed (or aborted and rewound) now,
+        before the next one is handled; nothing stays in flight."""
+        return None, self.settled(self.loop._confirm_and_commit(sent))
+
+    def settled(self, stats: BatchStats) -> bool:
+        if stats.committed:
+            return False
+        self._rewind()
+        return True
+
+    def _commit_transaction(self, batch: list[ConsumerRecord], futures: list, group: Any) -> bool:
+        """Outputs and input offsets in one transaction; False if it was aborted instead."""
+        if group.state != MemberState.STABLE:
+            # polled mid-rebalance: its partitions may be on their way to another member, and
+            # the generation may already be the new one, which the broker would accept
+            return self._abort(batch, "batch polled while the group was rebalancing")
+        producer = self.loop.producer
+        try:
+            confirm(producer, futures)
+            producer.send_offsets_to_transaction(next_offsets(batch), group)
+            producer.commit_transaction()
+            return True
+        except ProducerFencedError:
+            raise
+        except KafkaError as exc:
+            return self._abort(batch, f"{type(exc).__name__}: {exc}")
+
+    def _abort(self, batch: list[ConsumerRecord], why: str) -> bool:
+        if self.loop.log is not None:
+            self.loop.log.warning("transaction aborted", error=why, records=len(batch))
+        abort_transaction(self.loop.producer)  # raises if the producer is in a fatal state: the worker exits
+        return False
+
+    def _rewind(self) -> None:
+        """After an aborted transaction: poll again from the committed offsets of what this member owns.
+
+        Not from the aborted batch's own first offsets: if its partitions changed hands and
+        came back meanwhile, another member may have committed past them.
+        """
+        self.loop._seek_to_committed()
+        self.loop.on_abort()
+
+
 class BatchLoop:
     """poll -> [prepare] -> handle -> send -> confirm -> commit, until ``should_stop()``.
 
@@ -466,6 +645,12 @@ class BatchLoop:
     ``transactional=True`` is the exactly-once mode (see the module's second table): the
     producer must carry a transactional id, and each batch is committed in its own
     transaction before the next one is handled.
+
+    The mode is chosen once, here: ``self.commit`` is an OffsetCommit or a TransactionCommit
+    (same methods), and the loop never asks which. A batch in hand is a Prefetched (polled,
+    being prepared) or an InFlight (handled and sent, awaiting confirmation and commit). The
+    kafka-python private names the loop relies on are checked before its first batch
+    (run, run_once) and on each renewed consumer: see workers/kafka_adapter.py.
     """
 
     def __init__(
@@ -499,7 +684,9 @@ class BatchLoop:
         self.between_batches = between_batches
         self.on_batch = on_batch
         self.log = log
-        self.transactional = transactional
+        # the commit strategy, chosen once: the loop never asks which it has
+        self.commit: OffsetCommit | TransactionCommit = (TransactionCommit if transactional else OffsetCommit)(self)
+        self._internals_checked = False  # kafka_adapter's checks, made before the first batch
         self.on_abort = on_abort  # after an aborted transaction: undo what handle changed in the worker
         self._membership: tuple | None = None  # (generation, member id) at the last poll; None before the first
         self._half_joined_since: float | None = None  # first poll that found the member half-joined (see _poll)
@@ -516,6 +703,21 @@ class BatchLoop:
         self.measure_every_s = min(MEASURE_EVERY_S, stall_after_s / 4) if stall_after_s else MEASURE_EVERY_S
         self._measured_at = float("-inf")
         self._reseeks = 0  # how often positions were reset to the committed offsets: a batch polled before is stale
+
+    @property
+    def transactional(self) -> bool:
+        """Whether this is the exactly-once loop (for readers; the loop itself asks self.commit)."""
+        return isinstance(self.commit, TransactionCommit)
+
+    def _check_kafka_internals(self) -> None:
+        """Before the first batch: every kafka-python private name the loop relies on exists on
+        the actual consumer (and, exactly-once, producer), else KafkaInternalsError naming it.
+        Not in __init__: unit tests build loops around stand-in consumers that have only what
+        the method under test reads (tests/test_liveness.py)."""
+        if not self._internals_checked:
+            kafka_adapter.check_consumer(self.consumer)
+            self.commit.check()
+            self._internals_checked = True
 
     def _poll(self, timeout_ms: int) -> tuple[list[ConsumerRecord], float, Any]:
         """A batch, the seconds it took, and the group membership it was polled under.
@@ -544,15 +746,12 @@ class BatchLoop:
         # consumer handed to it fetched, and poll_batch may have spanned a rebalance
         changed = membership != self._membership
         self._membership = membership
-        # Exactly-once, after every rebalance: kafka-python keeps the position of a partition
-        # this member held before and holds after it, even when another member owned it in
-        # between (in a generation whose assignment never reached this one) and committed
-        # past that position: redoing from there commits those frames twice.
+        # Exactly-once, after every rebalance (TransactionCommit.reseek_after_poll says why).
         # At-least-once, once the group is stable after a refused commit: the refused batch
         # lies behind the position, and if this member kept its partition and no record
         # follows on it, nothing would ever commit it (issue 16: the group's lag stayed > 0
         # for good). Only the committed offsets can be trusted.
-        if (self.transactional and changed) or (self._refused and group.state == MemberState.STABLE):
+        if self.commit.reseek_after_poll(changed) or (self._refused and group.state == MemberState.STABLE):
             if self.log is not None and batch:
                 self.log.info("batch dropped, positions reset to the committed offsets",
                               generation=group.generation_id, records=len(batch), after="rebalance" if changed else "refused commit")
@@ -573,11 +772,12 @@ class BatchLoop:
         A member that is not STABLE and has no join pending is half-joined even when its polls
         bring nothing: it stays REBALANCING for good (seen in CI: a commit refused with
         RebalanceInProgressError, the join completed in the background, and no record followed
-        on the member's partitions, so the refused batch was never redone). The coordinator is
-        read directly, not through getattr, so that a kafka-python without it fails loudly
+        on the member's partitions, so the refused batch was never redone). The adapter reads
+        the coordinator strictly, not through a defaulting getattr, so that a kafka-python
+        without it fails loudly
         instead of hiding the state (kafka-python is pinned in deploy/requirements.lock).
         """
-        return self.consumer._coordinator.need_rejoin()
+        return kafka_adapter.join_pending(self.consumer)
 
     def _rejoin_afresh(self, group: Any) -> None:
         """Leave the group and subscribe again: the way out of kafka-python's half-joined state.
@@ -686,116 +886,44 @@ class BatchLoop:
         # Exactly-once: the new member's first poll has another membership, so _poll seeks
         # every owned partition to its committed offset before anything is handled.
         self.consumer = self.renew_consumer()
+        kafka_adapter.check_consumer(self.consumer)
 
     def _timed_prepare(self, batch: list[ConsumerRecord]) -> tuple[Any, float]:
         start = time.perf_counter()
         prepared = self.prepare(batch) if self.prepare is not None else None
         return prepared, time.perf_counter() - start
 
-    def _handle_and_send(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float], group: Any) -> tuple:
+    def _handle_and_send(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float], group: Any) -> InFlight:
         start = time.perf_counter()
         outputs = self.handle(batch, prepared)
         handled = time.perf_counter()
-        if self.transactional:
-            self.producer.begin_transaction()
+        self.commit.begin()
         futures = send(self.producer, outputs)
         stages.update(handle=handled - start, send=time.perf_counter() - handled)
-        return batch, outputs, futures, stages, start, group
+        return InFlight(batch, outputs, futures, stages, group)
 
-    def _confirm_and_commit(self, in_flight: tuple) -> BatchStats:
+    def _confirm_and_commit(self, in_flight: InFlight) -> BatchStats:
         """Wait for every acknowledgement of a batch's outputs, then commit it: the only commit there is."""
-        batch, outputs, futures, stages, start, group = in_flight
         waited = time.perf_counter()
-        if self.transactional:
-            committed = self._commit_transaction(batch, futures, group)
+        acked, committed = self.commit.confirm_and_commit(in_flight)
+        if acked is None:  # awaited inside the commit: counted as commit time
             acked = waited
-        else:
-            confirm(self.producer, futures)
-            acked = time.perf_counter()
-            committed = self._commit_offsets(batch)
         done = time.perf_counter()
+        stages = in_flight.stages
         stages.update(confirm=acked - waited, commit=done - acked)
         if committed:
             self._progressed()
         busy = sum(stages[k] for k in ("wait", "handle", "send", "confirm", "commit"))
-        stats = BatchStats(len(batch), len(outputs), busy, committed, stages)
+        stats = BatchStats(len(in_flight.batch), len(in_flight.outputs), busy, committed, stages)
         self.on_batch(stats)
         return stats
-
-    def _commit_offsets(self, batch: list[ConsumerRecord]) -> bool:
-        offsets = next_offsets(batch)
-        owned = self.consumer.assignment()
-        moved = [r for r in batch if TopicPartition(r.topic, r.partition) not in owned]
-        if moved:
-            # A rebalance completed since this batch was polled and gave some of its partitions
-            # to another member, which resumed from their committed offsets: it redoes these
-            # records whatever happens here. The broker would still take this member's commit
-            # (the generation is current), and could move a committed offset back behind what
-            # the new owner has committed since: more records redone at the next rebalance.
-            # Mid-rebalance the assignment can also be empty for a moment and the partitions come
-            # back to this member: as after a refused commit, the member then resumes from the
-            # committed offsets once stable (_poll), so what it keeps is redone here.
-            offsets = {tp: o for tp, o in offsets.items() if tp in owned}
-            self._refused = True
-            if self.log is not None:
-                self.log.warning("commit skipped: partitions moved to another member", records=len(moved))
-            if not offsets:
-                return False
-        deadline = time.monotonic() + COMMIT_RETRY_S
-        while True:
-            try:
-                self.consumer.commit(offsets)
-                return True
-            except COMMIT_REFUSED as exc:  # a rebalance: the batch is redone by whoever owns it next
-                self._refused = True  # here too, if this member keeps the partition (see _poll)
-                if self.log is not None:
-                    self.log.warning("commit refused after rebalance", error=str(exc), records=len(batch))
-                return False
-            except KafkaError as exc:
-                if not exc.retriable:  # connection refused, coordinator unknown, timeouts are retriable
-                    raise
-                if time.monotonic() > deadline:
-                    if self.log is not None:
-                        self.log.warning("commit skipped: broker unreachable", error=str(exc), records=len(batch))
-                    return False
-                time.sleep(0.5)
-
-    def _commit_transaction(self, batch: list[ConsumerRecord], futures: list, group: Any) -> bool:
-        """Outputs and input offsets in one transaction; False if it was aborted instead."""
-        if group.state != MemberState.STABLE:
-            # polled mid-rebalance: its partitions may be on their way to another member, and
-            # the generation may already be the new one, which the broker would accept
-            return self._abort(batch, "batch polled while the group was rebalancing")
-        try:
-            confirm(self.producer, futures)
-            self.producer.send_offsets_to_transaction(next_offsets(batch), group)
-            self.producer.commit_transaction()
-            return True
-        except ProducerFencedError:
-            raise
-        except KafkaError as exc:
-            return self._abort(batch, f"{type(exc).__name__}: {exc}")
-
-    def _abort(self, batch: list[ConsumerRecord], why: str) -> bool:
-        if self.log is not None:
-            self.log.warning("transaction aborted", error=why, records=len(batch))
-        abort_transaction(self.producer)  # raises if the producer is in a fatal state: the worker exits
-        return False
-
-    def _rewind(self) -> None:
-        """After an aborted transaction: poll again from the committed offsets of what this member owns.
-
-        Not from the aborted batch's own first offsets: if its partitions changed hands and
-        came back meanwhile, another member may have committed past them.
-        """
-        self._seek_to_committed()
-        self.on_abort()
 
     def _finish(self, batch: list[ConsumerRecord], prepared: Any, stages: dict[str, float], group: Any) -> BatchStats:
         return self._confirm_and_commit(self._handle_and_send(batch, prepared, stages, group))
 
     def run_once(self) -> BatchStats | None:
         """One batch without overlap (what the tests and the inversion worker use)."""
+        self._check_kafka_internals()
         self.between_batches()
         stall = self._measure()
         if stall is not None:
@@ -805,14 +933,13 @@ class BatchLoop:
             return None
         prepared, prepare_s = self._timed_prepare(batch)
         stats = self._finish(batch, prepared, {"poll": poll_s, "prepare": prepare_s, "wait": 0.0}, group)
-        if self.transactional and not stats.committed:
-            self._rewind()
+        self.commit.settled(stats)  # exactly-once: rewound if aborted
         return stats
 
     def run(self) -> None:
         try:
-            if self.transactional:
-                self.producer.init_transactions()  # aborts what a dead predecessor with this id left open
+            self._check_kafka_internals()
+            self.commit.start()  # exactly-once: init_transactions
             if self.prepare is None:
                 while not self.should_stop():
                     self.run_once()
@@ -825,8 +952,8 @@ class BatchLoop:
         """A three-stage pipeline: batch n+1 is prepared and batch n-1's acknowledgements
         arrive while batch n is handled; each batch still commits only after its own acks."""
         with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
-            pending = None  # polled, being prepared: (batch, future, poll seconds, group membership)
-            in_flight = None  # handled and sent, not yet confirmed and committed
+            pending: Prefetched | None = None  # polled, being prepared
+            in_flight: InFlight | None = None  # handled and sent, not yet confirmed and committed
             while True:
                 stopping = self.should_stop()
                 self.between_batches()
@@ -835,7 +962,7 @@ class BatchLoop:
                     if in_flight is not None:
                         self._confirm_and_commit(in_flight)
                     if pending is not None:
-                        pending[1].result()  # prepared for nothing: redelivered from the committed offsets
+                        pending.prepared.result()  # prepared for nothing: redelivered from the committed offsets
                     in_flight = pending = None
                     self._recover(stall)
                 following, reseeks = None, self._reseeks
@@ -847,25 +974,23 @@ class BatchLoop:
                     busy = pending is not None or in_flight is not None
                     batch, poll_s, group = self._poll(min(BUSY_POLL_MS, self.batch_timeout_ms) if busy else self.batch_timeout_ms)
                     if batch:
-                        following = (batch, executor.submit(self._timed_prepare, batch), poll_s, group)
+                        following = Prefetched(batch, executor.submit(self._timed_prepare, batch), poll_s, group)
                 if pending is not None and self._reseeks != reseeks:
                     # that poll reset the positions to the committed offsets: the batch polled
                     # before it is polled again from there, and committing it now would commit
                     # its offsets behind the positions (handled twice)
-                    pending[1].result()
+                    pending.prepared.result()
                     pending = None
                 sent = None
                 if pending is not None:
-                    batch, future, poll_s, group = pending
                     waited = time.perf_counter()
-                    prepared, prepare_s = future.result()
-                    stages = {"poll": poll_s, "prepare": prepare_s, "wait": time.perf_counter() - waited}
-                    sent = self._handle_and_send(batch, prepared, stages, group)
-                    if self.transactional:  # one transaction at a time: commit before the next batch
-                        if not self._confirm_and_commit(sent).committed:
-                            self._rewind()
-                            following = None  # dropped: polled again from the committed offsets
-                        sent = None
+                    prepared, prepare_s = pending.prepared.result()
+                    stages = {"poll": pending.poll_s, "prepare": prepare_s, "wait": time.perf_counter() - waited}
+                    # at-least-once: it stays in flight, its acks arriving while the next batch is
+                    # handled; exactly-once: committed now, one transaction at a time
+                    sent, rewound = self.commit.settle(self._handle_and_send(pending.batch, prepared, stages, pending.group))
+                    if rewound:
+                        following = None  # dropped: polled again from the committed offsets
                 if in_flight is not None:
                     self._confirm_and_commit(in_flight)
                 in_flight, pending = sent, following

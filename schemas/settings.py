@@ -12,7 +12,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Method = Literal["mcm", "neglabel", "csp", "adaneg", "interneg"]  # the registry's names (pipeline/methods); a test keeps them equal
+from pipeline.methods import METHOD_NAMES
+
+Method = Literal[METHOD_NAMES]  # the registry's names: a new method is a setting value without touching this file
 Profile = Literal["stream", "paper"]
 
 # The paper profile (METHOD §7b): what the released code does where a live deployment wants

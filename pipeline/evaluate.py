@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.metrics import ood_metrics
+from pipeline.metrics import alarm_rate, ood_metrics, threshold_for_rate
 from pipeline.scorers import AdaptStats, Scorer
 
 METRIC_COLUMNS = [
@@ -52,6 +52,8 @@ class SetResult:
     metrics: dict[str, float]
     adapt: dict = field(default_factory=dict)
     bank_size: int = 0
+    threshold: float = 0.0  # the threshold at the report's target false-alarm rate on this run's ID scores
+    ood_caught: float = 0.0  # the fraction of this set's OOD samples below that threshold
 
 
 @dataclass
@@ -59,6 +61,13 @@ class Report:
     protocol: Protocol
     results: list[SetResult]
     scores: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (method, set) -> (id, ood)
+    target_rate: float = 0.05  # false alarms (ID judged OOD) the reported thresholds allow
+
+    def thresholds(self) -> str:
+        """Per method and set: the threshold for the target false-alarm rate, and the OOD it catches."""
+        lines = [f"threshold for {100 * self.target_rate:g} % false alarms (ID judged OOD), and the OOD it catches:"]
+        lines += [f"  {r.method}/{r.ood_set}: {r.threshold:.6g} ({100 * r.ood_caught:.1f} % caught)" for r in self.results]
+        return "\n".join(lines)
 
     def methods(self) -> list[str]:
         return list(dict.fromkeys(r.method for r in self.results))
@@ -84,6 +93,7 @@ class Report:
             "protocol": asdict(self.protocol),
             "results": [asdict(r) for r in self.results],
             "mean": {m: self.mean(m) for m in self.methods()},
+            "target_rate": self.target_rate,
         }
 
 
@@ -114,6 +124,7 @@ def evaluate(
     ood_sets: dict[str, np.ndarray],
     protocol: Protocol = Protocol(),
     progress: bool = False,
+    target_rate: float = 0.05,
 ) -> Report:
     from tqdm import tqdm
 
@@ -130,6 +141,7 @@ def evaluate(
         stats = AdaptStats()
         scores = run_stream(scorer, features, origins, protocol, stats)
         id_scores, ood_scores = scores[: len(id_features)], scores[len(id_features) :]
+        threshold = threshold_for_rate(id_scores, target_rate)
         bank = scorer.bank if scorer.has_negatives else None
         results.append(
             SetResult(
@@ -138,10 +150,12 @@ def evaluate(
                 metrics=ood_metrics(id_scores, ood_scores),
                 adapt=asdict(stats),
                 bank_size=len(bank.entries) if bank is not None else 0,
+                threshold=threshold,
+                ood_caught=alarm_rate(ood_scores, threshold),
             )
         )
         all_scores[(method, set_name)] = (id_scores, ood_scores)
-    return Report(protocol, results, all_scores)
+    return Report(protocol, results, all_scores, target_rate)
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
@@ -178,6 +192,9 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
             bins = np.linspace(min(id_s.min(), ood_s.min()), max(id_s.max(), ood_s.max()), 50)
             ax.hist(id_s, bins=bins, alpha=0.6, label="ID", density=True)
             ax.hist(ood_s, bins=bins, alpha=0.6, label=name, density=True)
+            threshold = next(r.threshold for r in report.results if r.method == method and r.ood_set == name)
+            ax.axvline(threshold, color="black", ls="--", lw=1,
+                       label=f"threshold {threshold:.4g} ({100 * report.target_rate:g} % false alarms)")
             ax.set(xlabel="score (high = ID)", title=f"{method}: ID vs {name}")
             ax.legend()
         fig.tight_layout()

@@ -56,3 +56,23 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
         "aupr_in": float(average_precision_score(is_id, scores)),
         "aupr_out": float(average_precision_score(1 - is_id, -scores)),
     }
+
+
+def threshold_for_rate(normal_scores, rate: float) -> float:
+    """The threshold at which at most ``rate`` of these normal frames would be judged OOD
+    (a frame is OOD when its score is below the threshold).
+
+    With n scores sorted ascending, it is the (floor(rate n) + 1)-th: the floor(rate n) below
+    it are the false alarms allowed, ties with it are not alarms, so the rate on these frames
+    never exceeds the target. On other normal frames of the same camera it is the target
+    within sampling error, about sqrt(rate (1 - rate) / n).
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"the false-alarm rate must be in [0, 1), got {rate}")
+    scores = np.sort(_check("normal_scores", normal_scores))
+    return float(scores[int(np.floor(rate * len(scores)))])
+
+
+def alarm_rate(scores, threshold: float) -> float:
+    """The fraction judged OOD (score below the threshold)."""
+    return float((_check("scores", scores) < threshold).mean())

@@ -87,7 +87,10 @@ class MethodSettings(BaseModel):
         "encodes ~7 prompts per word (an hour of CPU with ViT-B/16): add it with 'interneg prepare --methods all'",
     )
     beta: float = Field(0.35, description="frames scoring below beta are confidently OOD (inversion candidates)")
-    threshold: float = Field(0.5, description="frames scoring below this are judged OOD")
+    threshold: float = Field(
+        0.5, gt=0, description="frames scoring below this are judged OOD (every score is above 0, so 0 or less would "
+        "silently never alert); 'interneg calibrate' finds one for a target false-alarm rate"
+    )
     explain_top: int = Field(3, ge=0, description="negatives shown as a frame's explanation")
 
 

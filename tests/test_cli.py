@@ -93,6 +93,25 @@ def test_simulate_then_eval_both_protocols(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "protocol async (delay 3 batches)" in out
     assert "adaneg/near: " in out and "interneg/far: " in out  # what each adaptive method proposed and applied
+    # the threshold for the target false-alarm rate, per method and set, as printed and recorded
+    assert "threshold for 5 % false alarms (ID judged OOD)" in out and "interneg/near: " in out
+    for r in paper["results"]:
+        assert 0 < r["threshold"] <= 1.1 and 0 <= r["ood_caught"] <= 1
+
+
+def test_calibrate_writes_the_threshold_for_a_false_alarm_rate(tmp_path, capsys):
+    assert main(["simulate", "--out", str(tmp_path / "sim")]) == 0
+    sim = tmp_path / "sim"
+    capsys.readouterr()
+    assert main(["calibrate", "--bundle", str(sim / "bundle"), "--normal", str(sim / "id.npz"), "--false-alarms", "0.02",
+                 "--method", "neglabel", "--out", str(tmp_path / "cal.json")]) == 0
+    printed = capsys.readouterr()
+    result = json.loads((tmp_path / "cal.json").read_text())
+    assert printed.out.strip() == f"INTERNEG_METHOD__THRESHOLD={result['threshold']:.6g}"
+    assert result["method"] == "neglabel" and result["frames"] == 2000
+    assert result["false_alarms_on_these_frames"] <= 0.02  # never above the target on the frames it was set on
+    assert main(["calibrate", "--bundle", str(sim / "bundle"), "--normal", str(sim / "id.npz"), "--false-alarms", "1.5"]) == 2
+    assert "--false-alarms 1.5" in capsys.readouterr().err
 
 
 def test_bad_inputs_get_one_error_line(tmp_path, capsys):

@@ -25,7 +25,15 @@ def test_invalid_settings_get_one_error_line(tmp_path, capsys, monkeypatch):
     status = main(["produce", str(tmp_path)])
     lines = _stderr_lines(capsys)
     assert status == 2 and len(lines) == 1
-    assert lines[0].startswith("error: invalid settings: ('model', 'precision')")
+    # the variable the user set and the value it had, not pydantic's location tuple
+    assert lines[0].startswith("error: invalid settings: INTERNEG_MODEL__PRECISION=fp64: Input should be")
+
+
+def test_a_threshold_that_would_never_alert_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("INTERNEG_METHOD__THRESHOLD", "-1")  # every score is above 0: no frame would ever alert
+    status = main(["produce", str(tmp_path)])
+    assert status == 2
+    assert _stderr_lines(capsys) == ["error: invalid settings: INTERNEG_METHOD__THRESHOLD=-1: Input should be greater than 0"]
 
 
 @pytest.mark.parametrize(

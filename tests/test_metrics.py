@@ -39,3 +39,34 @@ def test_bad_scores_are_refused():
         ood_metrics([0.5], [np.nan, 0.1])
     with pytest.raises(ValueError, match="id_scores: no scores"):
         ood_metrics([], [0.1])
+
+
+def test_the_threshold_for_a_false_alarm_rate_is_the_next_order_statistic():
+    from pipeline.metrics import alarm_rate, threshold_for_rate
+
+    scores = [0.9, 0.1, 0.5, 0.3, 0.7, 0.3, 0.8, 0.6, 0.2, 0.4]
+    # 10 frames, 20 %: two may alarm, so the threshold is the third smallest; the two below it alarm
+    assert threshold_for_rate(scores, 0.2) == 0.3 and alarm_rate(scores, 0.3) == 0.2
+    # 25 %: floor(2.5) = 2, the same threshold; ties with it (the second 0.3) are not alarms
+    assert threshold_for_rate(scores, 0.25) == 0.3
+    assert threshold_for_rate(scores, 0.0) == 0.1 and alarm_rate(scores, 0.1) == 0.0
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        threshold_for_rate(scores, 1.0)
+
+
+def test_a_calibrated_threshold_holds_its_rate_on_held_out_normal_frames():
+    """On the simulated world's ID images: calibrate on half, measure on the other half."""
+    from pipeline.metrics import alarm_rate, threshold_for_rate
+    from pipeline.scoring import grouped_score
+    from pipeline.simulate import SimulationParams, simulate_world
+
+    world = simulate_world(SimulationParams(n_id_images=4000, n_lexicon_nouns=3000, n_lexicon_adjectives=500))
+    negatives = world.lexicon_emb[np.argsort(world.lexicon_emb @ world.id_text.mean(axis=0))[:500]]
+    scores = grouped_score(world.id_features, world.id_text, negatives, scale=100.0, groups=5)
+    split = np.random.default_rng(1).permutation(len(scores))  # two random halves of one camera's normal frames
+    calibration, held_out = scores[split[:2000]], scores[split[2000:]]
+    for target in (0.01, 0.05, 0.2):
+        threshold = threshold_for_rate(calibration, target)
+        assert alarm_rate(calibration, threshold) <= target
+        margin = 3 * np.sqrt(target * (1 - target) / 2000)  # three standard errors of a rate on 2,000 frames
+        assert abs(alarm_rate(held_out, threshold) - target) <= margin, (target, alarm_rate(held_out, threshold))

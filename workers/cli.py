@@ -197,11 +197,11 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="stream batch size")] = 256,
     seed: Annotated[int, typer.Option(help="shuffle seed of the mixed stream")] = 0,
     profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP + "; the bundle must be prepared with it")] = None,
+    false_alarms: Annotated[float, typer.Option(help="report, and draw on the histograms, the threshold that judges this fraction of ID samples OOD")] = 0.05,
 ) -> None:
     """Evaluate methods on ID vs OOD sets; print the metrics table and write JSON and plots."""
-    from pipeline.bundle import read_manifest, load_bundle
+    from pipeline.bundle import read_manifest
     from pipeline.evaluate import Protocol, evaluate, write_report
-    from pipeline.features import load_features
     from pipeline.methods import scorer_from_bundle
 
     settings = _settings(profile=profile)
@@ -213,49 +213,32 @@ def eval_command(
     prepared_with = manifest["settings"].get("profile", "stream")
     if profile is not None and prepared_with != profile:
         raise CliError(f"{bundle}: prepared with profile {prepared_with}; prepare it again with --profile {profile}")
-    simulated = "modality_gap" in manifest.get("extras", [])
-    loaded = None
-    if simulated:
+    the_bundle, loaded = _bundle_and_encoder(bundle, manifest, settings)
+    if loaded is None:  # a simulated world: its stand-in for inversion
         from pipeline.simulate import SimulatedInverter
 
-        the_bundle = load_bundle(bundle)
         extras = the_bundle.extras
         inverter = SimulatedInverter(extras["modality_gap"], seed=settings.inversion.seed, text_mean=extras.get("text_mean"))
     else:
         from pipeline.inversion import TextInverter
 
-        the_bundle, loaded = _load_bundle_and_model(bundle, settings)
         inverter = TextInverter(loaded, settings.inversion, the_bundle.prototypes) if the_bundle.prototypes is not None else None
-
-    def features_of(name: str, path: Path):
-        if path.is_dir():
-            if loaded is None:
-                raise CliError(f"{path}: a simulated bundle has no model to encode images; give a feature .npz")
-            emb, kept, rejected = _encode_files(loaded, _expand([path]), settings)
-            for file, reason in rejected:
-                _say(f"rejected {file}: {reason}")
-            _say(f"{name}: {len(kept)} images encoded, {len(rejected)} rejected")
-            if not len(kept):
-                raise CliError(f"{path}: no usable images")
-            return emb
-        features, _, model_id = load_features(path)
-        if model_id != the_bundle.model_id:
-            raise CliError(f"{path}: features made with model {model_id}, the bundle's model is {the_bundle.model_id}")
-        return features
-
-    id_features = features_of("ID", id_data)
-    ood_sets = {name: features_of(name, path) for name, path in _parse_sets(ood).items()}
+    id_features = _embeddings("ID", id_data, the_bundle, loaded, settings)
+    ood_sets = {name: _embeddings(name, path, the_bundle, loaded, settings) for name, path in _parse_sets(ood).items()}
     if method == "all":  # every method the bundle carries; the others named, not silently dropped
         missing = [m for m in methods if m not in the_bundle.methods]
         methods = [m for m in methods if m in the_bundle.methods]
         if missing:
             _say(f"not in the bundle: {', '.join(missing)} (prepare it with --methods all to compare them too)")
     scorers = {m: scorer_from_bundle(the_bundle, settings, m, inverter) for m in methods}
-    report = evaluate(scorers, id_features, ood_sets, proto, progress=True)
+    if not 0 <= false_alarms < 1:
+        raise CliError(f"--false-alarms {false_alarms}: a fraction in [0, 1), e.g. 0.01 for 1 %")
+    report = evaluate(scorers, id_features, ood_sets, proto, progress=True, target_rate=false_alarms)
     written = write_report(report, out)
     typer.echo(f"profile {settings.profile}, protocol {protocol}" + (f" (delay {delay} batches)" if protocol == "async" else "")
                + f", batch {batch_size}, {len(id_features)} ID samples")
     typer.echo(report.table())
+    typer.echo(report.thresholds())
     for r in report.results:
         if scorers[r.method].adapts:
             a = r.adapt
@@ -265,6 +248,73 @@ def eval_command(
                 f"{a['admitted']} applied" + (f" ({refused} refused)" if refused else "") + (f", bank {r.bank_size}" if r.bank_size else "")
             )
     _say("wrote " + ", ".join(str(p) for p in written))
+
+
+def _bundle_and_encoder(bundle_dir: Path, manifest: dict, settings: Settings):
+    """The bundle, and the model that encodes images for it (None for a simulated world, which has none)."""
+    from pipeline.bundle import load_bundle
+
+    if "modality_gap" in manifest.get("extras", []):
+        return load_bundle(bundle_dir), None
+    return _load_bundle_and_model(bundle_dir, settings)
+
+
+def _embeddings(name: str, path: Path, the_bundle, loaded, settings: Settings):
+    """A folder of images encoded with the bundle's model, or a feature .npz made with it."""
+    from pipeline.features import load_features
+
+    if path.is_dir():
+        if loaded is None:
+            raise CliError(f"{path}: a simulated bundle has no model to encode images; give a feature .npz")
+        emb, kept, rejected = _encode_files(loaded, _expand([path]), settings)
+        for file, reason in rejected:
+            _say(f"rejected {file}: {reason}")
+        _say(f"{name}: {len(kept)} images encoded, {len(rejected)} rejected")
+        if not len(kept):
+            raise CliError(f"{path}: no usable images")
+        return emb
+    features, _, model_id = load_features(path)
+    if model_id != the_bundle.model_id:
+        raise CliError(f"{path}: features made with model {model_id}, the bundle's model is {the_bundle.model_id}")
+    return features
+
+
+@app.command()
+def calibrate(
+    bundle: Annotated[Path, typer.Option(help="the detector bundle the camera's workers run")],
+    normal: Annotated[Path, typer.Option(help="the camera's normal frames: a folder of images or a feature .npz")],
+    false_alarms: Annotated[float, typer.Option(help="the fraction of normal frames that may be judged OOD, e.g. 0.01")] = 0.01,
+    method: Annotated[Optional[str], typer.Option(help=f"{' | '.join(METHODS)} (default: the setting)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="also write the result here as JSON")] = None,
+) -> None:
+    """The threshold at which a target fraction of a camera's normal frames would alert."""
+    import numpy as np
+
+    from pipeline.metrics import alarm_rate, threshold_for_rate
+    from pipeline.methods import scorer_from_bundle
+
+    if not 0 <= false_alarms < 1:
+        raise CliError(f"--false-alarms {false_alarms}: a fraction in [0, 1), e.g. 0.01 for 1 %")
+    from pipeline.bundle import read_manifest
+
+    settings = _settings()
+    loaded_bundle, loaded = _bundle_and_encoder(bundle, read_manifest(bundle), settings)
+    emb = _embeddings("normal", normal, loaded_bundle, loaded, settings)
+    scorer = scorer_from_bundle(loaded_bundle, settings, method)
+    # the state the workers start from; an adaptive method's state moves as it runs
+    scores = scorer.score(np.asarray(emb, dtype=np.float32)).score
+    threshold = threshold_for_rate(scores, false_alarms)
+    margin = float(np.sqrt(max(false_alarms * (1 - false_alarms), 1e-12) / len(scores)))
+    result = {
+        "method": scorer.name, "threshold": threshold, "target_false_alarms": false_alarms, "frames": len(scores),
+        "false_alarms_on_these_frames": alarm_rate(scores, threshold), "sampling_error": margin,
+        "bundle": str(bundle), "model_id": loaded_bundle.model_id,
+    }
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(f"INTERNEG_METHOD__THRESHOLD={threshold:.6g}")
+    _say(f"{scorer.name}: {len(scores)} normal frames, {100 * result['false_alarms_on_these_frames']:.2f} % of them below it "
+         f"(target {100 * false_alarms:g} %; on other normal frames expect the target within about {100 * margin:.2f} points)")
 
 
 @app.command()
@@ -442,6 +492,9 @@ def _user_error(exc: Exception) -> str | None:
         return str(exc)
     if isinstance(exc, ValidationError):
         error = exc.errors()[0]
+        if exc.title == "Settings":  # name the variable a user sets, with the value it had
+            variable = "INTERNEG_" + "__".join(str(part).upper() for part in error["loc"])
+            return f"invalid settings: {variable}={str(error.get('input'))[:80]}: {error['msg']}"
         return f"invalid settings: {error['loc']}: {error['msg']}"
     if isinstance(exc, KafkaError):  # what escapes the clients is the cluster being unreachable or refusing
         return f"Kafka: {exc} (check INTERNEG_KAFKA__BOOTSTRAP_SERVERS / --bootstrap and that the brokers are up)"

@@ -1,5 +1,7 @@
 """What the CLI prints when a command fails: one line for what the user can fix, the traceback
 for a bug."""
+import time
+
 import pytest
 from kafka.errors import KafkaTimeoutError
 
@@ -66,3 +68,12 @@ def test_a_bug_keeps_its_traceback_and_says_so(error, tmp_path, capsys, monkeypa
     assert "Traceback (most recent call last)" in err and f"{type(error).__name__}: {error}" in err
     assert err.strip().splitlines()[-1] == BUG_LINE
     assert "error: " not in err
+
+
+def test_an_empty_frames_folder_is_refused_before_any_connection(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("INTERNEG_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens: connecting would hang ~50 s
+    (tmp_path / "notes.txt").write_text("not a frame")
+    started = time.monotonic()
+    status = main(["produce", str(tmp_path)])
+    assert status == 2 and time.monotonic() - started < 10
+    assert _stderr_lines(capsys) == [f"error: {tmp_path}: a folder with no image files in it (not recursive)"]

@@ -147,7 +147,10 @@ def _expand_sources(sources: Sequence[Path]) -> list[tuple[str, Path]]:
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            items.extend(("file", p) for p in list_images(path))
+            images = list_images(path)
+            if not images:  # refused before any connection: an empty folder is a typo, not a stream of nothing
+                raise InputError(f"{path}: a folder with no image files in it (not recursive)")
+            items.extend(("file", p) for p in images)
         elif path.is_file():
             suffix = path.suffix.lower()
             items.append(("video" if suffix in VIDEO_SUFFIXES else "file", path))

@@ -56,8 +56,8 @@ class AdaNeg(Scorer):
 
     @classmethod
     def from_bundle(cls, bundle, settings, inverter=None) -> "AdaNeg":
-        state, m = bundle.state(cls.name), settings.method
-        bank = NegativeBank(state.arrays["negatives"], state.words["words"], capacity=0, dedup_cos=None)
+        m = settings.method
+        bank = bundle.bank(cls.name, 0, None)
         return cls(bundle.id_text, bank, scale=bundle.logit_scale, groups=m.adaneg_groups, memory_length=m.adaneg_memory,
                    threshold=m.adaneg_threshold, gap=m.adaneg_gap, mix=m.adaneg_mix)
 

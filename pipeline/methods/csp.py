@@ -10,7 +10,6 @@ import random
 
 import numpy as np
 
-from pipeline.bank import NegativeBank
 from pipeline.methods.neglabel import NegLabel
 from pipeline.scorers import MethodInputs, MethodState, TextEncoder
 from pipeline.selection import select_lowest_per_part, neglabel_distance
@@ -83,5 +82,5 @@ class CSP(NegLabel):
     @classmethod
     def from_bundle(cls, bundle, settings, inverter=None) -> "CSP":
         state = bundle.state(cls.name)
-        bank = NegativeBank(state.arrays["negatives"], state.words["words"], capacity=0, dedup_cos=settings.bank.dedup_cos)
+        bank = bundle.bank(cls.name, 0, settings.bank.dedup_cos)
         return cls(state.arrays["id_text"], bank, scale=bundle.logit_scale, groups=settings.method.csp_groups)

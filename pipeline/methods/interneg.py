@@ -55,9 +55,7 @@ class InterNeg(NegLabel):
 
     @classmethod
     def from_bundle(cls, bundle, settings, inverter=None) -> "InterNeg":
-        state = bundle.state(cls.name)
-        bank = NegativeBank(state.arrays["negatives"], state.words["words"], capacity=settings.bank.capacity,
-                            dedup_cos=settings.bank.dedup_cos)
+        bank = bundle.bank(cls.name, settings.bank.capacity, settings.bank.dedup_cos)
         return cls(bundle.id_text, bank, scale=bundle.logit_scale, groups=settings.method.groups, beta=settings.method.beta,
                    prototypes=bundle.prototypes, inverter=inverter if settings.inversion.enabled else None)
 

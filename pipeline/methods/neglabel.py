@@ -36,8 +36,7 @@ class NegLabel(Scorer):
 
     @classmethod
     def from_bundle(cls, bundle, settings, inverter=None) -> "NegLabel":
-        state = bundle.state(cls.name)
-        bank = NegativeBank(state.arrays["negatives"], state.words["words"], capacity=0, dedup_cos=settings.bank.dedup_cos)
+        bank = bundle.bank(cls.name, 0, settings.bank.dedup_cos)
         return cls(bundle.id_text, bank, scale=bundle.logit_scale, groups=settings.method.neglabel_groups)
 
     @property

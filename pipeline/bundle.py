@@ -21,7 +21,7 @@ from pipeline.bank import NegativeBank
 from pipeline.errors import InputError
 from pipeline.classes import ID_PROMPT, IdClasses, compute_prototypes, load_classes
 from pipeline.lexicon import Lexicon, cached_text_embeddings, load_lexicon
-from pipeline.model import file_sha256, load_model
+from pipeline.model import file_sha256, load_model, model_identity
 from pipeline.scorers import MethodInputs, MethodState, TextEncoder
 from pipeline.selection import base_similarity
 from schemas.settings import ModelSettings, Settings
@@ -204,9 +204,31 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def load_bundle_with_model(path: Path, device: str = "auto", precision: str = "auto"):
-    """The bundle and the model it was prepared with (device and precision may differ)."""
-    recorded = read_manifest(path)["settings"]["model"]
+# The model settings that choose the weights: a bundle fixes them.
+MODEL_IDENTITY = ("name", "pretrained", "seed")
+
+
+def contradicting_model(path: Path, manifest: dict, given: ModelSettings) -> None:
+    """Refuse model settings that were set (environment, .env or code) and name other weights
+    than the bundle's: it carries its model, so they would be ignored without a word."""
+    recorded = ModelSettings(**manifest["settings"]["model"])
+    chosen = {k: getattr(given, k) for k in MODEL_IDENTITY if k in given.model_fields_set}
+    wanted = recorded.model_copy(update=chosen)
+    if model_identity(wanted) != model_identity(recorded):
+        named = " ".join(f"INTERNEG_MODEL__{k.upper()}={v}" for k, v in chosen.items())
+        raise BundleError(
+            f"{path}: prepared with model {manifest['model_id']}, but {named} names {model_identity(wanted)}; "
+            f"a bundle carries its model: unset those settings, or prepare a bundle with that model"
+        )
+
+
+def load_bundle_with_model(path: Path, device: str = "auto", precision: str = "auto", *, model: ModelSettings | None = None):
+    """The bundle and the model it was prepared with (device and precision may differ). With
+    ``model``, the caller's model settings: refused if they name other weights (contradicting_model)."""
+    manifest = read_manifest(path)
+    if model is not None:
+        contradicting_model(path, manifest, model)
+    recorded = manifest["settings"]["model"]
     loaded = load_model(ModelSettings(**{**recorded, "device": device, "precision": precision}))
     return load_bundle(path, model_id=loaded.model_id), loaded
 

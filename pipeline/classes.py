@@ -5,9 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pipeline.arrays import normalize_rows
 from pipeline.errors import InputError
 from pipeline.images import list_images, load_image_file
 from schemas.settings import ClassesSettings, ImageSettings
@@ -85,6 +83,10 @@ def load_classes(source: Path, settings: ClassesSettings) -> IdClasses:
 
 def compute_prototypes(loaded, classes: IdClasses, settings: ClassesSettings, images: ImageSettings) -> np.ndarray:
     """v_k: the normalised mean image embedding of each class's examples (METHOD §1)."""
+    import torch  # here, not at the top: load_classes checks a class folder before torch is loaded
+
+    from pipeline.arrays import normalize_rows
+
     if not classes.has_examples:
         raise ClassesError("image prototypes need a class folder with example images")
     transform = loaded.augment if settings.prototype_augment else loaded.preprocess

@@ -8,7 +8,6 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import InputError
-from pipeline.preprocess import draft_for
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -74,6 +73,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_short_si
             width, height = image.size
             check_dimensions(width, height, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
             if draft_short_side is not None:
+                from pipeline.preprocess import draft_for  # imports torch: listing and checking files must not wait for it
+
                 draft_for(image, draft_short_side)
             return ImageOps.exif_transpose(image).convert("RGB")
     except ImageRejected:

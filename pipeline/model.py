@@ -7,6 +7,8 @@ factory as ViT-B/16. Text is encoded at the batch's own context length (METHOD Â
 from __future__ import annotations
 
 import hashlib
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -230,6 +232,29 @@ def _how_to_run_offline(settings: ModelSettings) -> str:
     )
 
 
+class _RandomInitNotice(logging.Filter):
+    """open_clip's warning that a model was initialised randomly, which it logs on the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _random_init_asked(asked: bool):
+    """Silence open_clip's random-initialisation warning while building a model whose settings
+    ask for random weights (the tiny test model): every command would print it, and it warns
+    of nothing. Any other warning, and this one when weights were asked for, still shows."""
+    if not asked:
+        yield
+        return
+    notice = _RandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Build the model named by settings with open_clip's one factory."""
     device = resolve_device(settings.device)
@@ -253,9 +278,10 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             )
     torch.manual_seed(settings.seed)  # random-weight models are then reproducible
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, precision=precision, weights_only=True
-        )
+        with _random_init_asked(pretrained is None):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, precision=precision, weights_only=True
+            )
     except ModelLoadError:
         raise
     except Exception as exc:  # network errors come in many types from hub clients

@@ -174,6 +174,11 @@ class KafkaSettings(BaseModel):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     request_timeout_ms: int = 30000
+    connect_timeout_ms: int = Field(
+        10000, gt=0,
+        description="a process's first contact with these bootstrap servers gives up after this (one error line, exit "
+        "2); once reached, a lost broker is waited for as the Kafka client does (30 s per new client, retries without end)",
+    )
     session_timeout_ms: int = 10000
     max_poll_interval_ms: int = Field(300000, description="a batch must finish within this, or the worker leaves its group")
     transaction_timeout_ms: int = Field(

@@ -58,7 +58,7 @@ def _say(message: str) -> None:
 def _load_bundle_and_model(bundle_dir: Path, settings: Settings):
     from pipeline.bundle import load_bundle_with_model
 
-    return load_bundle_with_model(bundle_dir, settings.model.device, settings.model.precision)
+    return load_bundle_with_model(bundle_dir, settings.model.device, settings.model.precision, model=settings.model)
 
 
 @app.command()
@@ -405,7 +405,7 @@ def produce_command(
 
 @app.command("tail")
 def tail_command(
-    topic: Annotated[Optional[str], typer.Option(help="topic to read (default: the alerts topic)")] = None,
+    topic: Annotated[Optional[str], typer.Option(help="topic to read (default: the alerts topic); the dead-letter topic shows each record's reason, detail and source")] = None,
     from_beginning: Annotated[bool, typer.Option(help="start at the oldest record instead of now")] = False,
     max_records: Annotated[Optional[int], typer.Option(help="stop after this many")] = None,
     idle_timeout: Annotated[Optional[float], typer.Option(help="stop after this many seconds without a record")] = None,
@@ -433,9 +433,11 @@ def local_run_command(
     machine, and otherwise the small model shipped with the project, on its rendered demo
     (known farm animals, unknown animals and things it never trained on).
     """
-    from workers.local_run import demo_model, local_run
+    from workers.local_run import check_inputs, demo_model, local_run
 
     settings = _settings()
+    # before demo_model: it loads torch and open_clip, and a typo must not wait for them
+    check_inputs(settings, classes=classes, frames=frames, out=out, bootstrap=bootstrap)
     note, samples = demo_model(settings)
     return local_run(
         settings, classes=classes or samples / "classes", frames=frames or samples / "frames",

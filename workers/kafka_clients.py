@@ -1,4 +1,4 @@
-"""Kafka client construction: one place for connection, security and size settings."""
+"""Kafka client construction: one place for connection, security and size settings, and the first contact's time limit."""
 from __future__ import annotations
 
 import time
@@ -8,6 +8,26 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from pipeline.errors import ConfigError
 from schemas.settings import KafkaSettings
 from workers.kafka_security import check_security
+
+# Bootstrap servers a client of this process has reached. Before that, an unreachable broker is
+# a typo or a cluster that is down, and a user should hear so within connect_timeout_ms; after
+# it, a broker lost while running (a restart, a failover) is waited for with the client's own
+# patience, as a worker must ride it out.
+_reached: set[str] = set()
+
+
+def _first_contact_ms(kafka: KafkaSettings) -> int | None:
+    """How long a new client may take to bootstrap: connect_timeout_ms on the process's first
+    contact with these servers, else None (the client's default)."""
+    return None if kafka.bootstrap_servers in _reached else kafka.connect_timeout_ms
+
+
+def _bootstrap_limit(kafka: KafkaSettings, options: dict) -> dict:
+    first = _first_contact_ms(kafka)
+    if first is None:
+        return options
+    return {**options, "bootstrap_timeout_ms": min(first, options.get("bootstrap_timeout_ms", first))}
+
 
 def connection_options(kafka: KafkaSettings) -> dict:
     """Options every client shares: brokers, client id, SSL/SASL pass-through."""
@@ -41,7 +61,9 @@ def make_producer(kafka: KafkaSettings, **extra) -> KafkaProducer:
         **extra,
     }
     check_security(kafka, connection_options(kafka))
-    return KafkaProducer(**connection_options(kafka), **options)
+    producer = KafkaProducer(**_bootstrap_limit(kafka, {**connection_options(kafka), **options}))
+    _reached.add(kafka.bootstrap_servers)
+    return producer
 
 
 def make_consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **extra) -> KafkaConsumer:
@@ -57,7 +79,8 @@ def make_consumer(kafka: KafkaSettings, *topics: str, group_id: str | None, **ex
         **extra,
     }
     check_security(kafka, connection_options(kafka))
-    consumer = KafkaConsumer(**connection_options(kafka), **options)
+    consumer = KafkaConsumer(**_bootstrap_limit(kafka, {**connection_options(kafka), **options}))
+    _reached.add(kafka.bootstrap_servers)
     if topics:
         # Subscribe only once the topics' metadata is known: a group leader that assigns
         # before it has seen the partitions hands out nothing (kafka-python logs
@@ -82,4 +105,6 @@ def make_admin(kafka: KafkaSettings, timeout_ms: int | None = None) -> KafkaAdmi
     if timeout_ms is not None:
         timeout_ms = min(timeout_ms, kafka.request_timeout_ms)
         options = {**options, "request_timeout_ms": timeout_ms, "bootstrap_timeout_ms": timeout_ms}
-    return KafkaAdminClient(**options)
+    admin = KafkaAdminClient(**_bootstrap_limit(kafka, options))
+    _reached.add(kafka.bootstrap_servers)
+    return admin

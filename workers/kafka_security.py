@@ -162,7 +162,8 @@ class _Probe:
 def check_security(kafka: KafkaSettings, options: dict, retry_after_s: float = 1.0) -> None:
     """Raise KafkaAuthError / KafkaSecurityError if the first reachable bootstrap server refuses
     this client's security set-up; return quietly when it accepts it or no server is
-    reachable (then the client's own bootstrap waits for one, as before).
+    reachable (then the client's own bootstrap waits for one: connect_timeout_ms on a
+    process's first contact, see workers/kafka_clients.py).
 
     One login attempt per call. Only an answer that does not name its cause (a listener
     that closes the connection) is tried once more, after ``retry_after_s``: a broker going

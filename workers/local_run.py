@@ -8,19 +8,24 @@ in the scoring worker, prints a summary, and stops what it started.
 from __future__ import annotations
 
 import csv
+import math
+import os
+import shutil
 import subprocess
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 
 from pipeline.errors import ConfigError, InputError
 from schemas.messages import FrameScore
 from schemas.settings import Settings
-from workers.kafka_clients import make_consumer
+from workers.kafka_clients import make_admin, make_consumer
 from workers.processes import WorkerProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +40,13 @@ class Broker:
         self.home = home
 
     def start(self) -> str:
+        """Start on empty storage: a run is compared with the runs before it, so it must not
+        inherit their topics, offsets or negatives (they also made a second run wait for
+        candidates it never produced)."""
         subprocess.run(["bash", str(BROKER), "fetch"], check=True, capture_output=True, timeout=900)
+        self.stop()  # one a killed run left behind
+        if (self.home / "data" / "meta.properties").is_file():  # only a broker's storage is ever removed
+            shutil.rmtree(self.home / "data")
         done = subprocess.run(["bash", str(BROKER), "start", str(self.home)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise ConfigError(f"the local Kafka broker did not start: {(done.stdout + done.stderr)[-800:]}")
@@ -101,6 +112,60 @@ def read_labels(frames: Path) -> dict[str, str] | None:
     return {row["file"]: row["kind"] for row in rows}
 
 
+def check_inputs(settings: Settings, *, classes: Path | None, frames: Path | None, out: Path | None, bootstrap: str | None = None) -> None:
+    """Refuse, in seconds, what would otherwise fail only after the broker, the bundle and the
+    workers were started: the same checks as the run's own, without torch or the model. None: not given."""
+    from pipeline.classes import load_classes
+    from pipeline.images import list_images
+
+    if classes is not None:
+        if not classes.exists():
+            raise InputError(f"--classes {classes}: no such folder or file")
+        try:
+            load_classes(classes, settings.classes)
+        except InputError as exc:
+            raise InputError(f"--classes {exc}") from None
+    if frames is not None:
+        if not frames.exists():
+            raise InputError(f"--frames {frames}: no such folder or file")
+        if frames.is_dir() and not list_images(frames):
+            raise InputError(f"--frames {frames}: a folder with no image files in it (not recursive)")
+        read_labels(frames)
+    if out is not None:
+        existing = next(p for p in [out, *out.parents] if p.exists())  # what the run's mkdir would start from
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"--out {out}: cannot write there ({existing} is {'not writable' if existing.is_dir() else 'not a folder'})")
+    if bootstrap is not None:
+        kafka = settings.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+        make_admin(kafka).close()  # the first contact fails within connect_timeout_ms
+
+
+def own_namespace(settings: Settings) -> str:
+    """Give this run topics and consumer groups of its own (changing ``settings``); returns their prefix.
+
+    On a cluster that is not the run's own, the default names would be another deployment's:
+    its scoring workers' group, its bank of negatives, the records of earlier runs."""
+    run = f"local-run-{uuid.uuid4().hex[:8]}"
+    for name in type(settings.topics).model_fields:
+        if isinstance(getattr(settings.topics, name), str):
+            setattr(settings.topics, name, f"{run}.{getattr(settings.topics, name)}")
+    for name in type(settings.kafka).model_fields:
+        if name.endswith("_group"):
+            setattr(settings.kafka, name, f"{run}.{getattr(settings.kafka, name)}")
+    return run
+
+
+def _delete_topics(settings: Settings, topics: list[str], echo: Callable[[str], None]) -> None:
+    try:
+        admin = make_admin(settings.kafka)
+        try:
+            admin.delete_topics(topics)
+        finally:
+            admin.close()
+    except KafkaError as exc:
+        echo(f"note: the run's topics were left on the cluster ({exc})")
+
+
 @dataclass
 class Verdicts:
     """One pass's verdicts against the frames' true labels (OOD is the positive class)."""
@@ -149,8 +214,9 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when every frame of every pass was scored."""
-        return 0 if all(len(p.scores) == len(set(p.report.frame_ids)) for p in self.passes) else 1
+        """0 when frames were sent and every frame of every pass was scored."""
+        sent = any(p.report.sent for p in self.passes)
+        return 0 if sent and all(len(p.scores) == len(set(p.report.frame_ids)) for p in self.passes) else 1
 
 
 def run_keypair(folder: Path) -> tuple[Path, Path]:
@@ -182,27 +248,31 @@ def local_run(
     passes' verdicts against the labels, so it shows what the grown bank changed.
     """
     from pipeline.bundle import prepare_bundle, save_bundle
+    from pipeline.images import list_images
     from pipeline.model import load_model
     from workers.producer import produce
     from workers.topics import ensure_topics
 
     out = Path(out)
-    if not classes.exists():
-        raise FileNotFoundError(f"--classes {classes}: no such folder or file")
-    if not frames.exists():
-        raise FileNotFoundError(f"--frames {frames}: no such folder or file")
+    check_inputs(settings, classes=classes, frames=frames, out=out)
     kinds_by_file = read_labels(frames)
     loaded = load_model(settings.model)  # first: a missing model stops the run before anything starts
     echo(f"model {loaded.model_id}" + (f" ({model_note})" if model_note else ""))
     broker = None
+    run_topics: list[str] = []  # created on a cluster that is not the run's own: deleted at the end
     workers: list[WorkerProcess] = []
     try:
         if bootstrap is None:
             broker = Broker(out / "kafka")
             bootstrap = broker.start()
-            echo(f"kafka broker started at {bootstrap} ({out / 'kafka'})")
+            echo(f"kafka broker started at {bootstrap} ({out / 'kafka'}, empty)")
         settings.kafka.bootstrap_servers = bootstrap
-        ensure_topics(settings)
+        if broker is None:
+            namespace = own_namespace(settings)
+            echo(f"topics and consumer groups of this run on {bootstrap}: {namespace}.* (topics deleted at the end)")
+            run_topics = list(ensure_topics(settings))
+        else:
+            ensure_topics(settings)
         settings.method.bundled = list(dict.fromkeys([settings.method.method, "interneg"]))  # what these workers run: no more
         bundle = prepare_bundle(loaded, classes, settings)
         bundle_dir = save_bundle(bundle, out / "bundle")
@@ -230,7 +300,7 @@ def local_run(
             target = inverter.status().get("bank_digest")
             while time.monotonic() < deadline and scorer.status().get("bank_digest") != target:
                 # updates are applied between batches: one more frame lets an idle worker apply them
-                produce(settings, [sorted(frames.iterdir())[0] if frames.is_dir() else frames], rate=None, camera_id="settle", limit=1)
+                produce(settings, [list_images(frames)[0] if frames.is_dir() else frames], rate=None, camera_id="settle", limit=1)
                 time.sleep(1.0)
 
         result = RunResult([])
@@ -253,6 +323,8 @@ def local_run(
     finally:
         for worker in workers:
             worker.terminate()
+        if run_topics:
+            _delete_topics(settings, run_topics, echo)
         if broker is not None:
             broker.stop()
             echo("stopped the workers and the broker")
@@ -266,7 +338,6 @@ def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str
     verdicts = Counter(s.verdict for s in all_scores)
     batch_seconds = {(s.worker, s.scored_at_ms, s.timings.batch_size): s.timings.batch_ms / 1000 for s in all_scores}
     busy = sum(batch_seconds.values())
-    worker_rate = len(all_scores) / busy if busy else float("nan")
     status = scorer.status()
     echo("")
     echo("summary")
@@ -282,8 +353,8 @@ def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str
         echo(f"  negatives published       {result.published} by the inversion worker (its bank {inv.get('bank_size', 0)} of {settings.bank.capacity})")
     echo(f"  negatives admitted        {result.admitted} in the scoring worker's bank, version {status.get('bank_version')}, "
          f"digest {str(status.get('bank_digest'))[:12]}")
-    echo(f"  throughput                {worker_rate:.1f} frames/s in the scoring worker's batches; "
-         f"{len(first.scores) / max(first.seconds, 1e-9):.1f} frames/s produce-to-score wall clock (pass 1)")
+    echo(f"  throughput                {per_second(len(all_scores), busy)} frames/s in the scoring worker's batches; "
+         f"{per_second(len(first.scores), first.seconds)} frames/s produce-to-score wall clock (pass 1)")
     if kinds_by_file is not None:
         echo("")
         echo("verdicts against the frames' true labels (labels.csv; an unknown should alert, a known class should not)")
@@ -293,7 +364,7 @@ def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str
         echo(f"  {'unknowns alerted (right)':28s}" + "".join(f"{f'{v.alerted} of {v.unknowns}':>22s}" for v in rows))
         echo(f"  {'unknowns missed':28s}" + "".join(f"{v.unknowns - v.alerted:>22d}" for v in rows))
         echo(f"  {'false alarms (known class)':28s}" + "".join(f"{f'{v.false_alarms} of {v.known}':>22s}" for v in rows))
-        echo(f"  {'AUROC of the score':28s}" + "".join(f"{v.auroc:>22.3f}" for v in rows))
+        echo(f"  {'AUROC of the score':28s}" + "".join(f"{'-':>22s}" if math.isnan(v.auroc) else f"{v.auroc:>22.3f}" for v in rows))
     echo("")
     echo("per frame (file order" + (", last pass" if len(passes) > 1 else "") + "):")
     last = passes[-1]
@@ -306,3 +377,8 @@ def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str
             continue
         negs = ", ".join(n.label for n in s.negatives[:3])
         echo(f"  {Path(name).name:32s} {label}{s.verdict.upper():3s} score {s.score:.3f}  top {s.id_class} ({s.id_prob:.2f})  negatives: {negs}")
+
+
+def per_second(count: int, seconds: float) -> str:
+    """A rate for a summary line; "-" when nothing was timed (no frame scored), never nan or inf."""
+    return f"{count / seconds:.1f}" if seconds > 0 else "-"

@@ -1,4 +1,4 @@
-"""Print alerts (or frame scores) from a topic as they arrive.
+"""Print alerts (or frame scores, or dead letters) from a topic as they arrive.
 
 The tail reads without a consumer group: it assigns itself every partition of the topic
 and starts at the end (or the beginning), so it commits nothing and never disturbs the
@@ -7,6 +7,7 @@ mode only committed alerts are shown.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -16,9 +17,18 @@ from kafka import TopicPartition
 from pydantic import ValidationError
 
 from pipeline.errors import InterNegError
-from schemas.messages import FrameScore
+from schemas.messages import (
+    H_DL_DETAIL,
+    H_DL_OFFSET,
+    H_DL_PARTITION,
+    H_DL_REASON,
+    H_DL_TOPIC,
+    H_DL_TRUNCATED,
+    H_DL_WORKER,
+    FrameScore,
+)
 from schemas.settings import Settings
-from workers.delivery import poll_readable
+from workers.delivery import header, poll_readable
 from workers.kafka_clients import make_consumer
 
 POLL_MS = 500
@@ -55,6 +65,44 @@ def format_alert(alert: FrameScore) -> str:
     )
 
 
+def dead_letter_fields(record) -> dict:
+    """Why and where from, as the dead-letter headers say (None where one is missing); the
+    original record's key and size. Texts are decoded, not yet escaped."""
+
+    def text(value: bytes | None) -> str | None:
+        return None if value is None else value.decode("utf-8", "replace")
+
+    def number(value: bytes | None) -> int | str | None:
+        shown = text(value)
+        return int(shown) if shown is not None and shown.isascii() and shown.isdigit() else shown
+
+    return {
+        "reason": text(header(record, H_DL_REASON)),
+        "detail": text(header(record, H_DL_DETAIL)),
+        "source": {"topic": text(header(record, H_DL_TOPIC)), "partition": number(header(record, H_DL_PARTITION)),
+                   "offset": number(header(record, H_DL_OFFSET))},
+        "worker": text(header(record, H_DL_WORKER)),
+        "truncated": text(header(record, H_DL_TRUNCATED)),
+        "key": text(record.key),
+        "bytes": len(record.value or b""),
+        "dead_lettered_ms": record.timestamp,
+    }
+
+
+def format_dead_letter(record) -> str:
+    """One readable line: when, why (reason, detail), where the original was (topic[partition]@offset),
+    which worker, the original's key and size. Every text from the record is escaped."""
+    f = dead_letter_fields(record)
+    shown = lambda value: "-" if value is None else _shown(str(value))  # noqa: E731
+    source = f["source"]
+    line = (
+        f"{_when(record.timestamp)}  DEAD-LETTER  reason={shown(f['reason'])}  "
+        f"source={shown(source['topic'])}[{shown(source['partition'])}]@{shown(source['offset'])}  "
+        f"worker={shown(f['worker'])}  key={shown(f['key'])}  {f['bytes']} bytes  detail={shown(f['detail'])}"
+    )
+    return line + (f"  truncated={shown(f['truncated'])}" if f["truncated"] is not None else "")
+
+
 def tail(
     settings: Settings,
     *,
@@ -70,7 +118,9 @@ def tail(
 
     Options (CLI flags):
       topic           topic to read; default ``settings.topics.alerts``. Any topic of
-                      ``FrameScore`` JSON works, e.g. ``settings.topics.scores``.
+                      ``FrameScore`` JSON works, e.g. ``settings.topics.scores``. The
+                      dead-letter topic (``settings.topics.deadletter``) shows each record's
+                      reason, detail and source from its x-dl-* headers (format_dead_letter).
       from_beginning  start at the earliest offset of every partition; False (default):
                       only alerts written after the tail started.
       max_records     stop after printing this many; None = no limit.
@@ -86,6 +136,7 @@ def tail(
     Ctrl-C stops the tail and returns the count. Raises TailError if the topic does not exist.
     """
     topic = topic or settings.topics.alerts
+    render = _render_dead_letter if topic == settings.topics.deadletter else _render
     if max_records is not None and max_records <= 0:
         return 0
     consumer = make_consumer(settings.kafka, group_id=None, isolation_level="read_committed")
@@ -120,7 +171,7 @@ def tail(
                 for record in records:
                     if max_records is not None and printed >= max_records:
                         break
-                    line = _render(record, as_json, err)
+                    line = render(record, as_json, err)
                     if line is not None:
                         print(line, file=out, flush=True)
                         printed += 1
@@ -155,4 +206,9 @@ def _render(record, as_json: bool, err: TextIO) -> str | None:
     return text if "\n" not in text and "\r" not in text else alert.model_dump_json()
 
 
-__all__ = ["TailError", "format_alert", "tail"]
+def _render_dead_letter(record, as_json: bool, err: TextIO) -> str:
+    # the original's value is an undecodable frame more often than not: never printed, only its size
+    return json.dumps(dead_letter_fields(record)) if as_json else format_dead_letter(record)
+
+
+__all__ = ["TailError", "dead_letter_fields", "format_alert", "format_dead_letter", "tail"]

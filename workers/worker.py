@@ -35,7 +35,8 @@ class BundleWorker(ABC):
         self.name = settings.worker.name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
         self.log = get_logger(self.role).bind(worker=self.name)
         self.stop_event = threading.Event()
-        self.bundle, self.loaded = load_bundle_with_model(settings.worker.bundle, settings.model.device, settings.model.precision)
+        self.bundle, self.loaded = load_bundle_with_model(settings.worker.bundle, settings.model.device, settings.model.precision,
+                                                          model=settings.model)
         self.signer, self.verifier = keys_from_settings(settings.bank)
         self.metrics = WorkerMetrics(self.role)
         self.ops = OpsServer(self.metrics, settings.worker.http_host, settings.worker.http_port, self.status)

@@ -191,6 +191,14 @@ def save_bundle(bundle: Bundle, out_dir: Path) -> Path:
     return out
 
 
+def manifest_digest(path: Path) -> str:
+    """The sha256 of a bundle's manifest, which holds the sha256 of every file: the bundle's identity."""
+    try:
+        return file_sha256(Path(path) / MANIFEST)
+    except OSError as exc:
+        raise BundleError(f"{path}: not a detector bundle (no readable {MANIFEST})") from exc
+
+
 def read_manifest(path: Path) -> dict:
     manifest_path = Path(path) / MANIFEST
     try:

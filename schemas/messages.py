@@ -7,10 +7,13 @@ Each model carries ``version``; a reader refuses versions it does not know.
 from __future__ import annotations
 
 import base64
+import math
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
+
+from schemas.settings import CameraSettings
 
 SCHEMA_VERSION = 1
 
@@ -39,6 +42,14 @@ H_SIGNATURE = "x-signature"
 # worker would fail to carry it into a negative's origin).
 MAX_ID_LENGTH = 256
 Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+# Milliseconds since the epoch as a Kafka timestamp and a database BIGINT hold them: a larger
+# one read from a record would stop whoever stores it (SQLite raises OverflowError).
+MAX_MS = 2**63 - 1
+Millis = Annotated[int, Field(ge=0, le=MAX_MS)]
+
+
+def _all_finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
 
 
 class Message(BaseModel):
@@ -73,9 +84,9 @@ class Vector(BaseModel):
         return self
 
     @classmethod
-    def from_numpy(cls, array: np.ndarray, model_id: str) -> "Vector":
-        a = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
-        return cls(dtype="float32", dim=a.shape[0], model_id=model_id, data=base64.b64encode(a.tobytes()))
+    def from_numpy(cls, array: np.ndarray, model_id: str, dtype: Literal["float32", "float16"] = "float32") -> "Vector":
+        a = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
+        return cls(dtype=dtype, dim=a.shape[0], model_id=model_id, data=base64.b64encode(a.tobytes()))
 
     def to_numpy(self, *, model_id: str, dim: int) -> np.ndarray:
         """The vector as float32, refusing another model's or another width."""
@@ -89,8 +100,8 @@ class Vector(BaseModel):
 class SourceRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     topic: str
-    partition: int
-    offset: int
+    partition: int = Field(ge=0, lt=2**31)  # as Kafka holds them: a reader seeks there (the recorder does)
+    offset: int = Field(ge=0, le=MAX_MS)
 
 
 class WeighedNegative(BaseModel):
@@ -116,7 +127,7 @@ class JudgedFrame(Message):
 
     frame_id: Identifier
     camera_id: Identifier
-    ts_ms: int | None = None  # when the camera took it (header), if given
+    ts_ms: Millis | None = None  # when the camera took it (header), if given
     source: SourceRef
     method: str
     score: float
@@ -128,13 +139,14 @@ class JudgedFrame(Message):
     bank_size: int
     model_id: str
     worker: str
-    scored_at_ms: int
+    scored_at_ms: Millis
 
 
 class FrameScore(JudgedFrame):
     """Topic ``ood.scores``, keyed by frame id: every scored frame, with its timings."""
 
     verdict: Literal["id", "ood"]
+    allowed_by: str | None = None  # the allow-list entry that made an OOD score in-distribution (an operator's "normal")
     timings: Timings = Timings()
 
 
@@ -143,6 +155,93 @@ class OODAlert(JudgedFrame):
     Its own type, not a score with a flag: its verdict can only be "ood", and it has no timings."""
 
     verdict: Literal["ood"] = "ood"
+    embedding: Vector | None = None  # float16: what an event's "normal" verdict allow-lists (issue 14)
+
+    @model_validator(mode="after")
+    def _finite(self):
+        # the events worker orders frames by score and keeps them in its state: NaN orders
+        # nothing, and JSON writes NaN and infinity as null, which no reader takes back
+        if not _all_finite(self.score, self.threshold, self.id_prob, *(n.cos for n in self.negatives)):
+            raise ValueError("score, threshold, id_prob and the negatives' cos must be finite")
+        return self
+
+
+class OODEvent(Message):
+    """Topic ``ood.events``, keyed by camera id: frames judged OOD, grouped per camera into an
+    event that is opened once, updated while it goes on, and closed after a quiet period."""
+
+    type: Literal["ood"] = "ood"
+    event_id: Identifier
+    camera_id: Identifier
+    status: Literal["opened", "updated", "closed"]
+    start_ms: Millis
+    end_ms: Millis  # the last OOD frame so far (the event's end once closed)
+    frames: int = Field(ge=1, le=MAX_MS)  # OOD frames in the event
+    peak_score: float  # the lowest score: the most out-of-distribution frame
+    best_frame_id: Identifier
+    best_source: SourceRef  # where the best frame's bytes are, for its snapshot
+    id_class: str  # the nearest known class of the best frame
+    negatives: list[WeighedNegative] = []  # the negatives that fired most over the event, cos = their best
+    threshold: float
+    method: str
+    embedding: Vector | None = None  # the best frame's embedding: what a "normal" verdict allow-lists
+    emitted_ms: Millis
+
+    @model_validator(mode="after")
+    def _finite(self):
+        # stored as DOUBLE PRECISION NOT NULL (NaN is NULL there) and served as strict JSON
+        if not _all_finite(self.peak_score, self.threshold, *(n.cos for n in self.negatives)):
+            raise ValueError("peak_score, threshold and the negatives' cos must be finite")
+        return self
+
+
+class CameraStatus(Message):
+    """Topic ``ood.cameras``, keyed by camera id: a live source went offline or came back."""
+
+    type: Literal["camera"] = "camera"
+    camera_id: Identifier
+    status: Literal["offline", "online"]
+    since_ms: Millis
+    detail: str = Field("", max_length=1024)
+    emitted_ms: Millis
+
+
+class AllowEntry(Message):
+    """Topic ``ood.control`` (compacted), keyed ``allow:<entry id>``; a null value withdraws it.
+    An operator said a frame is normal: frames this close to its embedding are in-distribution."""
+
+    kind: Literal["allow"] = "allow"
+    entry_id: Identifier
+    camera_id: Identifier | None = None  # None: every camera
+    embedding: Vector
+    event_id: Identifier | None = None  # the reviewed event it came from
+    note: str = Field("", max_length=1024)
+    by: str = Field("", max_length=MAX_ID_LENGTH)
+    added_ms: int
+
+
+class CameraConfig(Message):
+    """Topic ``ood.control`` (compacted), keyed ``camera:<camera id>``: one camera's settings,
+    as the operator's cameras file last said; a null value returns it to the workers' settings."""
+
+    kind: Literal["camera"] = "camera"
+    camera_id: Identifier
+    settings: CameraSettings
+    source: str = Field("", max_length=1024)  # the file it came from
+    by: str = Field("", max_length=MAX_ID_LENGTH)
+    applied_ms: int
+
+
+class BundleRollout(Message):
+    """Topic ``ood.control``, keyed ``bundle``: the detector bundle every scoring worker should
+    run, named by its path (as the workers see it) and the sha256 of its manifest, which
+    records the sha256 of every file: a worker loads only the bundle it was told of."""
+
+    kind: Literal["bundle"] = "bundle"
+    path: str = Field(min_length=1, max_length=4096)
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    by: str = Field("", max_length=MAX_ID_LENGTH)
+    applied_ms: int
 
 
 class Candidate(Message):

@@ -88,10 +88,14 @@ class MethodSettings(BaseModel):
     )
     beta: float = Field(0.35, description="frames scoring below beta are confidently OOD (inversion candidates)")
     threshold: float = Field(
-        0.5, gt=0, description="frames scoring below this are judged OOD (every score is above 0, so 0 or less would "
+        0.5, gt=0, allow_inf_nan=False, description="frames scoring below this are judged OOD (every score is above 0, so 0 or less would "
         "silently never alert); 'interneg calibrate' finds one for a target false-alarm rate"
     )
     explain_top: int = Field(3, ge=0, description="negatives shown as a frame's explanation")
+    allow_cos: float = Field(
+        0.95, gt=0, le=1,
+        description="a frame this close (cosine) to an operator's 'normal' entry of its camera is in-distribution, whatever its score",
+    )
 
 
 class InversionSettings(BaseModel):
@@ -146,6 +150,69 @@ class ImageSettings(BaseModel):
     )
 
 
+class LiveSettings(BaseModel):
+    """Live sources of 'interneg produce': RTSP cameras, HTTP (MJPEG) streams, video devices."""
+
+    jpeg_quality: int = Field(90, ge=1, le=95, description="JPEG quality of each frame sent (Pillow's scale; above 95 only grows the file)")
+    rtsp_transport: Literal["tcp", "udp"] = Field(
+        "tcp", description="RTP inside the RTSP connection (tcp: no lost packets, passes NAT and firewalls) or beside it (udp)"
+    )
+    open_timeout_s: float = Field(
+        10.0, gt=0, description="connecting to a source, and then finding its stream's codec (it waits for a keyframe), each at most this long"
+    )
+    read_timeout_s: float = Field(5.0, gt=0, description="a source that sends nothing for this long is lost: reported offline, reconnected")
+    reconnect_min_s: float = Field(0.5, gt=0, description="the first delay before reconnecting; it doubles with each failure in a row")
+    reconnect_max_s: float = Field(30.0, gt=0, description="the longest delay before reconnecting")
+    reconnect_jitter: float = Field(
+        0.5, ge=0, le=1,
+        description="each delay is shortened by a random fraction up to this, so cameras lost together do not all come back at once",
+    )
+
+    @model_validator(mode="after")
+    def _delays_ordered(self):
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s {self.reconnect_max_s} is below reconnect_min_s {self.reconnect_min_s}")
+        return self
+
+
+# Each camera's state holds up to open_frames - 1 alerts waiting to open an event: the bound
+# keeps it within a record (pipeline/events.CameraState). A year is longer than any rule means,
+# and keeps every period finite in milliseconds.
+MAX_OPEN_FRAMES = 100
+MAX_RULE_S = 365 * 24 * 3600
+
+
+class EventRules(BaseModel):
+    """How a camera's OOD frames become events (issue 14); per camera in the cameras file."""
+
+    model_config = ConfigDict(extra="forbid")
+    open_frames: int = Field(3, ge=1, le=MAX_OPEN_FRAMES, description="OOD frames within open_window_s that open an event")
+    open_window_s: float = Field(10.0, gt=0, le=MAX_RULE_S, description="the window open_frames must fall in")
+    quiet_s: float = Field(30.0, gt=0, le=MAX_RULE_S, description="an event closes after this long without an OOD frame")
+    cooldown_s: float = Field(60.0, ge=0, le=MAX_RULE_S, description="after an event closes, the camera's OOD frames open nothing for this long")
+    update_every_s: float = Field(10.0, gt=0, le=MAX_RULE_S, description="an open event that changed is told again at most this often")
+
+
+class CameraSettings(BaseModel):
+    """One camera's own settings (the cameras file, ``interneg cameras apply``); what is left
+    out is the workers' setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    threshold: float | None = Field(None, gt=0, allow_inf_nan=False, description="frames scoring below this are OOD, for this camera")
+    roi: tuple[float, float, float, float] | None = Field(
+        None, description="region of interest: x0, y0, x1, y1 as fractions of the frame; only it is scored"
+    )
+    events: EventRules | None = None
+
+    @model_validator(mode="after")
+    def _roi_inside_the_frame(self):
+        if self.roi is not None:
+            x0, y0, x1, y1 = self.roi
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError(f"roi must be x0, y0, x1, y1 with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {list(self.roi)}")
+        return self
+
+
 class TopicSettings(BaseModel):
     frames: str = "frames"
     scores: str = "ood.scores"
@@ -153,6 +220,10 @@ class TopicSettings(BaseModel):
     candidates: str = "ood.candidates"
     negatives: str = "ood.negatives"
     deadletter: str = "ood.deadletter"
+    events: str = Field("ood.events", description="per camera: OOD events (opened/updated/closed), written by the events worker only")
+    cameras: str = Field("ood.cameras", description="per camera: a live source went offline or came back (written by 'interneg produce')")
+    event_state: str = Field("ood.events.state", description="compacted: the events worker's per-camera state, so a restart or rebalance resumes it")
+    control: str = Field("ood.control", description="compacted: what operators tell running workers (per-camera settings, 'normal' feedback)")
     partitions: int = Field(6, gt=0, description="partitions of the frames, scores, alerts and candidates topics")
     replication_factor: int = Field(1, gt=0)
     retention_ms: int = Field(7 * 24 * 3600 * 1000, description="retention of every topic but the compacted negatives")
@@ -165,6 +236,8 @@ class KafkaSettings(BaseModel):
     client_id: str = "interneg"
     scoring_group: str = "interneg-scoring"
     inversion_group: str = "interneg-inversion"
+    events_group: str = "interneg-events"
+    review_group: str = "interneg-review"
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="broker, topics, producers and consumers alike")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -194,7 +267,14 @@ class WorkerSettings(BaseModel):
     gpu_decode: bool = Field(True, description="decode JPEG frames with nvJPEG when the model runs on a GPU")
     http_host: str = "127.0.0.1"
     http_port: int = Field(0, ge=0, description="metrics and health endpoints; 0 picks a free port")
+    metrics_cameras: int = Field(
+        50, ge=0, description="cameras that get their own metric label; the rest count as 'other' (camera ids come from records)"
+    )
     name: str = Field("", description="worker name in logs and records; default host-pid")
+    events_max_cameras: int = Field(
+        5000, gt=0, description="cameras whose event state one events worker holds; past it, those heard from least "
+        "recently are forgotten (camera ids come from records; each camera holds up to open_frames alerts)"
+    )
     inversion_batch_size: int = Field(16, gt=0)
     stall_after_s: float = Field(
         60.0,
@@ -227,9 +307,11 @@ class Settings(BaseSettings):
     inversion: InversionSettings = InversionSettings()
     bank: BankSettings = BankSettings()
     images: ImageSettings = ImageSettings()
+    live: LiveSettings = LiveSettings()
     topics: TopicSettings = TopicSettings()
     kafka: KafkaSettings = KafkaSettings()
     worker: WorkerSettings = WorkerSettings()
+    events: EventRules = EventRules()
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
     @model_validator(mode="before")

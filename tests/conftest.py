@@ -74,6 +74,23 @@ def kafka_bootstrap(tmp_path_factory):
 
 
 @pytest.fixture
+def own_broker(tmp_path):
+    """A broker of this test's own, so it can be stopped and started again on the same port and data."""
+    home = tmp_path / "kafka"
+
+    def start() -> str:
+        started = subprocess.run(["bash", str(BROKER), "start", str(home)], capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        return started.stdout.strip().splitlines()[-1]
+
+    def stop() -> None:
+        subprocess.run(["bash", str(BROKER), "stop", str(home)], capture_output=True, timeout=120, check=True)
+
+    yield start, stop
+    stop()
+
+
+@pytest.fixture
 def stream_settings(kafka_bootstrap, tiny_settings) -> Settings:
     """Settings of a fresh deployment: its own topics and groups on the shared broker."""
     return fresh_deployment(tiny_settings, kafka_bootstrap)
@@ -89,8 +106,10 @@ def fresh_deployment(base: Settings, bootstrap: str | None = None) -> Settings:
     settings.kafka.bootstrap_servers = bootstrap or base.kafka.bootstrap_servers
     settings.kafka.scoring_group = f"scoring-{run}"
     settings.kafka.inversion_group = f"inversion-{run}"
+    settings.kafka.events_group = f"events-{run}"
+    settings.kafka.review_group = f"review-{run}"
     settings.kafka.session_timeout_ms = 6000
-    for name in ("frames", "scores", "alerts", "candidates", "negatives", "deadletter"):
+    for name in ("frames", "scores", "alerts", "candidates", "negatives", "deadletter", "events", "event_state", "control", "cameras"):
         setattr(settings.topics, name, f"{run}.{getattr(settings.topics, name)}")
     settings.topics.partitions = 4
     settings.worker.batch_size = 8

@@ -30,8 +30,8 @@ from workers.kafka_security import KafkaAuthError
 from workers.processes import WorkerProcess, settings_env
 from workers.producer import ProduceError, produce_records
 
-ROLES = ("admin", "camera", "scoring", "inversion", "operator")
-TOPICS = ("frames", "scores", "alerts", "candidates", "negatives", "deadletter")
+ROLES = ("admin", "camera", "scoring", "inversion", "events", "operator")
+TOPICS = ("frames", "scores", "alerts", "candidates", "negatives", "deadletter", "events", "event_state", "control", "cameras")
 
 
 @dataclass
@@ -150,10 +150,11 @@ def scores_of(settings: Settings, topic: str, frame_ids: set[str], timeout_s: fl
 
 # --- who may write what --------------------------------------------------------------------
 WRITES = {  # role -> topics it may write; every other topic of the deployment is refused
-    "camera": {"frames"},
+    "camera": {"frames", "cameras"},
     "scoring": {"scores", "alerts", "candidates", "deadletter"},
     "inversion": {"negatives", "deadletter"},
-    "operator": set(),
+    "events": {"events", "event_state", "deadletter"},
+    "operator": {"control"},
 }
 # What an allowed write sends: records the other tests shrug off. A frame is scored like any
 # other, a tombstone of a negative that never existed changes no bank, and the end-to-end test
@@ -186,16 +187,18 @@ def test_each_role_reads_only_what_it_needs(acl_broker):
     finally:
         producer.close(timeout=10)
     assert readable(acl_broker, "camera") == set()
-    assert readable(acl_broker, "scoring") == {"frames", "negatives"}
+    assert readable(acl_broker, "scoring") == {"frames", "negatives", "control"}
     assert readable(acl_broker, "inversion") == {"candidates", "negatives"}
-    assert readable(acl_broker, "operator") == {"alerts", "scores", "deadletter"}
+    assert readable(acl_broker, "events") == {"alerts", "event_state", "control"}
+    assert readable(acl_broker, "operator") == {"alerts", "scores", "deadletter", "events", "cameras", "frames", "control"}
 
 
 def test_groups_and_transactional_ids_belong_to_their_role(acl_broker):
     d = acl_broker.deployment
     # another role's consumer group: refused even where the topic itself may be read
     for role, topic, group in [("inversion", "negatives", d.kafka.scoring_group), ("scoring", "negatives", d.kafka.inversion_group),
-                               ("operator", "scores", d.kafka.scoring_group)]:
+                               ("operator", "scores", d.kafka.scoring_group), ("events", "alerts", d.kafka.scoring_group),
+                               ("operator", "events", d.kafka.events_group)]:
         consumer = make_consumer(acl_broker.as_role(role).kafka, acl_broker.topic(topic), group_id=group)
         try:
             with pytest.raises(GroupAuthorizationFailedError):
@@ -224,12 +227,12 @@ def test_frames_are_scored_and_negatives_published_with_a_principal_per_role(acl
     ids and transactional offset commits are authorised too (at-least-once needs a subset)."""
     failed_before = len(acl_broker.failed_login_times())
     workers = {}
-    for role, command in (("scoring", "score-worker"), ("inversion", "invert-worker")):
+    for role, command in (("scoring", "score-worker"), ("inversion", "invert-worker"), ("events", "events-worker")):
         settings = acl_broker.as_role(role)
         settings.worker.bundle = tiny_bundle_dir
         settings.worker.exactly_once = True
         workers[role] = WorkerProcess(command, settings, tmp_path / f"{role}.log", {"INTERNEG_WORKER__NAME": f"acl-{role}", "HF_HUB_OFFLINE": "1"})
-    scorer, inverter = workers["scoring"], workers["inversion"]
+    scorer, inverter, events = workers["scoring"], workers["inversion"], workers["events"]
     try:
         for worker in workers.values():
             worker.wait_ready()
@@ -239,6 +242,12 @@ def test_frames_are_scored_and_negatives_published_with_a_principal_per_role(acl
         scores = scores_of(acl_broker.as_role("operator"), acl_broker.topic("scores"), wanted)
         assert scores.keys() == wanted, scorer.log_tail()
         assert {s.worker for s in scores.values()} == {"acl-scoring"}
+        # the events worker, as its own principal, reads the alerts and keeps its state
+        alerted = sum(s.verdict == "ood" for s in scores.values())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and events.status().get("cameras", 0) == 0 and alerted:
+            time.sleep(0.3)
+        assert not alerted or events.status()["cameras"] == 1, events.log_tail()
         # candidates (the scoring worker's own, and these, as only a scoring principal may
         # write them: embeddings whose inversions are admissible) become negatives
         candidates = crafted_candidates(tiny_bundle_dir, 6)
@@ -258,7 +267,7 @@ def test_frames_are_scored_and_negatives_published_with_a_principal_per_role(acl
         assert truth["bank_ids"] and scorer.status()["bank_ids"] == truth["bank_ids"]
         for worker in workers.values():
             assert worker.terminate() == 0, worker.log_tail()
-        assert "AuthorizationFailed" not in scorer.log_path.read_text() + inverter.log_path.read_text()
+        assert "AuthorizationFailed" not in scorer.log_path.read_text() + inverter.log_path.read_text() + events.log_path.read_text()
     finally:
         for worker in workers.values():
             worker.terminate(timeout_s=30)

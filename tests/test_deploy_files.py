@@ -160,15 +160,23 @@ def test_each_validator_accepts_the_real_file():
 @lru_cache(maxsize=None)
 def exported() -> tuple[dict[str, set[str]], dict[tuple[str, str], set[str]]]:
     """({sample name: label names}, {(sample name, label): values known before any event})."""
-    fresh = WorkerMetrics("scoring")
+    roles = ("scoring", "inversion", "events")  # each exports its own (workers/ops.py ROLE_METRICS)
     known: dict[tuple[str, str], set[str]] = {}
-    for family in text_string_to_metric_families(fresh.exposition().decode()):
-        for sample in family.samples:
-            for label, value in sample.labels.items():
-                if label != "le":
-                    known.setdefault((sample.name, label), set()).add(value)
-    # Exercise every metric so that the labelled ones without preset values show up too.
-    m = WorkerMetrics("scoring")
+    for role in roles:
+        for family in text_string_to_metric_families(WorkerMetrics(role).exposition().decode()):
+            for sample in family.samples:
+                for label, value in sample.labels.items():
+                    if label != "le":
+                        known.setdefault((sample.name, label), set()).add(value)
+    names: dict[str, set[str]] = {}
+    for role in roles:
+        for name, labels in _exercised(WorkerMetrics(role)).items():
+            names.setdefault(name, set()).update(labels)
+    return names, known
+
+
+def _exercised(m: WorkerMetrics) -> dict[str, set[str]]:
+    """Every metric touched, so that the labelled ones without preset values show up too."""
     m.frames.labels(outcome="scored").inc()
     m.batch_seconds.observe(0.1)
     m.end_to_end_seconds.observe(0.1)
@@ -179,11 +187,15 @@ def exported() -> tuple[dict[str, set[str]], dict[tuple[str, str], set[str]]]:
     m.deadletters.labels(reason="undecodable").inc()
     m.negatives_published.labels(kind="negative").inc()
     m.inverted.labels(outcome="admitted").inc()
+    m.camera_frames.labels(camera="yard", outcome="scored").inc()
+    m.camera_end_to_end_seconds.labels(camera="yard").observe(0.1)
+    m.camera_events.labels(camera="yard", status="opened").inc()
+    m.events_open.set(1)
     names: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(m.exposition().decode()):
         for sample in family.samples:
             names.setdefault(sample.name, set()).update(sample.labels)
-    return names, known
+    return names
 
 
 def test_exported_names_are_the_documented_ones():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
-from conftest import BROKER, TINY, fresh_deployment
+from conftest import TINY, fresh_deployment
 from workers.cli import main
 from workers.demo import draw_image
 
@@ -258,22 +258,6 @@ def test_a_worker_and_local_run_give_up_on_an_unreachable_broker_at_start(tiny_b
     done, seconds, heavy = cli_in_child(["local-run", "--bootstrap", NOWHERE, "--out", str(tmp_path / "run")], env)
     assert_one_line_naming(done)
     assert done.returncode == 2 and heavy == [] and seconds < 15 and not (tmp_path / "run").exists()
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    home = tmp_path / "kafka"
-
-    def start() -> str:
-        started = subprocess.run(["bash", str(BROKER), "start", str(home)], capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stdout + started.stderr
-        return started.stdout.strip().splitlines()[-1]
-
-    def stop() -> None:
-        subprocess.run(["bash", str(BROKER), "stop", str(home)], capture_output=True, timeout=120, check=True)
-
-    yield start, stop
-    stop()
 
 
 def test_once_reached_a_lost_broker_is_waited_for(own_broker, tiny_settings):

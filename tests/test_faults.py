@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
 import threading
 import time
 import zlib
@@ -24,7 +23,7 @@ from PIL import Image
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.stream_bench import CommitWatcher
-from conftest import BROKER, fresh_deployment
+from conftest import fresh_deployment
 from pipeline.bank import NegativeBank
 from pipeline.bundle import load_bundle_with_model
 from schemas.messages import H_CONTENT_TYPE, H_DL_DETAIL, H_DL_REASON, H_DL_TRUNCATED, H_FRAME_ID, H_TS, Candidate, FrameScore, NegativeRecord, Vector
@@ -290,23 +289,6 @@ def test_exactly_once_resumes_from_committed_offsets_after_a_rebalance_not_from_
 
 
 # --- the broker restarted under a running stream -------------------------------------------
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker of this test's own, so it can be stopped and started again on the same port and data."""
-    home = tmp_path / "kafka"
-
-    def start() -> str:
-        started = subprocess.run(["bash", str(BROKER), "start", str(home)], capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stdout + started.stderr
-        return started.stdout.strip().splitlines()[-1]
-
-    def stop() -> None:
-        subprocess.run(["bash", str(BROKER), "stop", str(home)], capture_output=True, timeout=120, check=True)
-
-    yield start, stop
-    stop()
-
-
 def test_at_least_once_redoes_a_batch_whose_commit_a_rebalance_refused_when_no_record_follows(stream_settings):
     """A batch is handled, its commit is refused by a rebalance (injected as kafka-python
     raises it), and the member keeps its partition; no record follows. Its position is past

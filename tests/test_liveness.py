@@ -201,16 +201,20 @@ def test_a_member_at_the_end_of_a_transactional_topic_is_not_stalled(stream_sett
     producer.commit_transaction()
     producer.close()
     consumer = make_consumer(s.kafka, s.topics.frames, group_id=s.kafka.scoring_group, isolation_level="read_committed")
-    events, done, stop_at = [], [], time.monotonic() + 4 * BOUND_S
+    events, done, lags, stop_at = [], [], [], time.monotonic() + 4 * BOUND_S
     loop = BatchLoop(
         consumer, make_producer(s.kafka), lambda batch, prepared: [],
         batch_size=8, batch_timeout_ms=200, should_stop=lambda: time.monotonic() > stop_at,
         on_batch=lambda stats: done.append(stats.records), stall_after_s=BOUND_S, on_stall=events.append,
+        on_lag=lambda lag, owned: lags.append({tp: n for tp, n in lag.items() if tp in owned}),
     )
     loop.run()
-    report("idle at a commit marker", handled=sum(done), stalls=len(events))
+    report("idle at a commit marker", handled=sum(done), stalls=len(events), last_lag=lags[-1])
     assert sum(done) == 12
     assert events == []
+    # the lag gauge too: 0 once everything is handled, though end minus committed is 1 per
+    # partition the transaction wrote (its commit marker; issue 14)
+    assert len(lags[-1]) == s.topics.partitions and set(lags[-1].values()) == {0}
 
 
 def test_a_member_still_stalled_after_its_renewals_exits(stream_settings):

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.bundle import load_bundle_with_model
 from pipeline.images import decode_image
 from pipeline.methods import scorer_from_bundle
-from schemas.messages import H_CAMERA_ID, H_CONTENT_TYPE, H_FRAME_ID, H_TS, Candidate, FrameScore, Vector
+from schemas.messages import OODAlert, H_CAMERA_ID, H_CONTENT_TYPE, H_FRAME_ID, H_TS, Candidate, FrameScore, Vector
 from workers.kafka_clients import make_consumer
 from workers.producer import produce_records
 
@@ -85,7 +85,9 @@ def test_every_frame_gets_exactly_one_score_and_alerts_follow_the_threshold(stre
     assert all(len(v) == 1 for v in scores.values())
     got = np.array([scores[f"f{i}"][0].score for i in range(40)])
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    alerts = {r.key.decode() for r in read_topic(settings, settings.topics.alerts, idle_s=1)}
+    alert_records = read_topic(settings, settings.topics.alerts, idle_s=1)
+    assert {r.key for r in alert_records} == {b"cam-1"}  # keyed by camera: the events worker's order
+    alerts = {OODAlert.from_bytes(r.value).frame_id for r in alert_records}
     assert alerts == {f"f{i}" for i in range(40) if expected[i] < settings.method.threshold}
     assert 0 < len(alerts) < 40
     first = scores["f0"][0]

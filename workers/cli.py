@@ -281,40 +281,77 @@ def _embeddings(name: str, path: Path, the_bundle, loaded, settings: Settings):
 
 @app.command()
 def calibrate(
-    bundle: Annotated[Path, typer.Option(help="the detector bundle the camera's workers run")],
-    normal: Annotated[Path, typer.Option(help="the camera's normal frames: a folder of images or a feature .npz")],
+    bundle: Annotated[Optional[Path], typer.Option(help="the detector bundle the camera's workers run (with --normal)")] = None,
+    normal: Annotated[Optional[Path], typer.Option(help="the camera's normal frames: a folder of images or a feature .npz")] = None,
+    camera: Annotated[Optional[str], typer.Option(help="instead of --normal: this camera's scores on the scores topic, from --since to --until")] = None,
+    since: Annotated[Optional[str], typer.Option(help="with --camera: start of a time the camera saw only normal scenes (ISO 8601, e.g. 2026-11-29T08:00Z)")] = None,
+    until: Annotated[Optional[str], typer.Option(help="with --camera: its end (default now)")] = None,
     false_alarms: Annotated[float, typer.Option(help="the fraction of normal frames that may be judged OOD, e.g. 0.01")] = 0.01,
     method: Annotated[Optional[str], typer.Option(help=f"{' | '.join(METHODS)} (default: the setting)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="also write the result here as JSON")] = None,
+    bootstrap: BootstrapOption = None,
 ) -> None:
-    """The threshold at which a target fraction of a camera's normal frames would alert."""
+    """The threshold at which a target fraction of a camera's normal frames would alert.
+
+    From a folder of its normal frames (--bundle and --normal), or from the scores the
+    workers recorded for it over a time it saw only normal scenes (--camera, --since).
+    """
     import numpy as np
 
     from pipeline.metrics import alarm_rate, threshold_for_rate
-    from pipeline.methods import scorer_from_bundle
 
     if not 0 <= false_alarms < 1:
         raise CliError(f"--false-alarms {false_alarms}: a fraction in [0, 1), e.g. 0.01 for 1 %")
-    from pipeline.bundle import read_manifest
+    if (normal is None) == (camera is None):
+        raise CliError("give either --bundle and --normal (a folder of normal frames) or --camera and --since (the scores topic)")
+    settings = _worker_settings(None, bootstrap, None)
+    if camera is not None:
+        if since is None:
+            raise CliError("--camera needs --since: the start of a time the camera saw only normal scenes")
+        from workers.score_history import camera_scores
 
-    settings = _settings()
-    loaded_bundle, loaded = _bundle_and_encoder(bundle, read_manifest(bundle), settings)
-    emb = _embeddings("normal", normal, loaded_bundle, loaded, settings)
-    scorer = scorer_from_bundle(loaded_bundle, settings, method)
-    # the state the workers start from; an adaptive method's state moves as it runs
-    scores = scorer.score(np.asarray(emb, dtype=np.float32)).score
+        since_ms, until_ms = _time_ms(since, "--since"), _time_ms(until, "--until") if until else None
+        recorded = camera_scores(settings, camera, since_ms, until_ms if until_ms is not None else 2**62)
+        wanted = method or settings.method.method
+        scores = np.array([s.score for s in recorded if s.method == wanted], dtype=np.float64)
+        if len(scores) == 0:
+            raise CliError(f"no {wanted} scores of camera {camera!r} on {settings.topics.scores} from {since} to {until or 'now'}")
+        name, source = wanted, {"camera": camera, "since": since, "until": until, "topic": settings.topics.scores}
+    else:
+        if bundle is None:
+            raise CliError("--normal needs --bundle: the bundle the camera's workers run")
+        from pipeline.bundle import read_manifest
+        from pipeline.methods import scorer_from_bundle
+
+        loaded_bundle, loaded = _bundle_and_encoder(bundle, read_manifest(bundle), settings)
+        emb = _embeddings("normal", normal, loaded_bundle, loaded, settings)
+        scorer = scorer_from_bundle(loaded_bundle, settings, method)
+        # the state the workers start from; an adaptive method's state moves as it runs
+        scores = scorer.score(np.asarray(emb, dtype=np.float32)).score
+        name, source = scorer.name, {"bundle": str(bundle), "model_id": loaded_bundle.model_id}
     threshold = threshold_for_rate(scores, false_alarms)
     margin = float(np.sqrt(max(false_alarms * (1 - false_alarms), 1e-12) / len(scores)))
     result = {
-        "method": scorer.name, "threshold": threshold, "target_false_alarms": false_alarms, "frames": len(scores),
-        "false_alarms_on_these_frames": alarm_rate(scores, threshold), "sampling_error": margin,
-        "bundle": str(bundle), "model_id": loaded_bundle.model_id,
+        "method": name, "threshold": threshold, "target_false_alarms": false_alarms, "frames": len(scores),
+        "false_alarms_on_these_frames": alarm_rate(scores, threshold), "sampling_error": margin, **source,
     }
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(f"INTERNEG_METHOD__THRESHOLD={threshold:.6g}")
-    _say(f"{scorer.name}: {len(scores)} normal frames, {100 * result['false_alarms_on_these_frames']:.2f} % of them below it "
+    _say(f"{name}: {len(scores)} normal frames, {100 * result['false_alarms_on_these_frames']:.2f} % of them below it "
          f"(target {100 * false_alarms:g} %; on other normal frames expect the target within about {100 * margin:.2f} points)")
+
+
+def _time_ms(text: str, option: str) -> int:
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"{option} {text!r}: not an ISO 8601 time such as 2026-11-29T08:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
 
 
 @app.command()
@@ -383,20 +420,111 @@ def invert_worker(bundle: BundleOption = None, bootstrap: BootstrapOption = None
     return run_inversion_worker(_worker_settings(bundle, bootstrap, http_port))
 
 
+@app.command("events-worker")
+def events_worker(bootstrap: BootstrapOption = None, http_port: PortOption = None) -> int:
+    """Group each camera's alerts into events (opened / updated / closed), kept in Kafka across restarts."""
+    from workers.events_worker import run_events_worker
+
+    return run_events_worker(_worker_settings(None, bootstrap, http_port))
+
+
+@app.command()
+def ui(
+    store: Annotated[Optional[str], typer.Option(help="review store: sqlite:///path.db or postgresql://user@host/db (default: sqlite in the cache folder)")] = None,
+    host: Annotated[str, typer.Option(help="address to serve on; loopback unless the page is put behind an authenticating proxy")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the review page")] = 8080,
+    operator: Annotated[str, typer.Option(help="name recorded with each verdict")] = "operator",
+    bootstrap: BootstrapOption = None,
+) -> int:
+    """The review page: events per camera with snapshots; "normal" allow-lists a frame for every scoring worker."""
+    from workers.review_ui import serve_review
+
+    return serve_review(_worker_settings(None, bootstrap, None), store_url=store, host=host, port=port, operator=operator, echo=typer.echo)
+
+
+@app.command()
+def rollout(
+    bundle: Annotated[Path, typer.Argument(help="the bundle every scoring worker should run, at a path the workers see (a shared volume)")],
+    by: Annotated[str, typer.Option(help="name recorded with the rollout")] = "operator",
+    bootstrap: BootstrapOption = None,
+) -> int:
+    """Roll a detector bundle out to the running scoring workers, without a restart.
+
+    The bundle is checked here first (every file against its manifest); each worker loads it
+    between batches, checks it again against the manifest's sha256 sent with it, and goes on
+    with the bundle it runs if it cannot (a line in its log, /status says why).
+    """
+    import time
+
+    from pipeline.bundle import load_bundle, manifest_digest
+    from schemas.messages import BundleRollout
+    from workers.control import rollout_output
+    from workers.delivery import send_and_confirm
+    from workers.kafka_clients import make_producer
+
+    path = bundle.resolve()
+    load_bundle(path)  # refused here, before any connection, if a file does not match its manifest
+    settings = _worker_settings(None, bootstrap, None)
+    record = BundleRollout(path=str(path), manifest_sha256=manifest_digest(path), by=by, applied_ms=int(time.time() * 1000))
+    producer = make_producer(settings.kafka)
+    try:
+        send_and_confirm(producer, [rollout_output(settings.topics.control, record)])
+    finally:
+        producer.close(timeout=10)
+    typer.echo(f"rolled out {path} (manifest sha256 {record.manifest_sha256[:16]}…): scoring workers adopt it between batches")
+    return 0
+
+
+cameras_app = typer.Typer(no_args_is_help=True, help="Per-camera settings (threshold, region of interest, event rules), live through ood.control.")
+app.add_typer(cameras_app, name="cameras")
+
+
+@cameras_app.command("apply")
+def cameras_apply(
+    file: Annotated[Path, typer.Argument(help="the cameras file (TOML, [cameras.<id>] sections; see workers/cameras.py)")],
+    by: Annotated[str, typer.Option(help="name recorded with the change")] = "operator",
+    bootstrap: BootstrapOption = None,
+) -> int:
+    """Check the whole file, then send each changed camera's settings to the running workers."""
+    from workers.cameras import apply_cameras, load_cameras_file
+
+    load_cameras_file(file)  # refused before any connection
+    for line in apply_cameras(_worker_settings(None, bootstrap, None), file, by):
+        typer.echo(line)
+    return 0
+
+
+@cameras_app.command("show")
+def cameras_show(bootstrap: BootstrapOption = None) -> int:
+    """The cameras' own settings the workers use now."""
+    from workers.cameras import current_cameras
+
+    for camera_id, config in sorted(current_cameras(_worker_settings(None, bootstrap, None)).items()):
+        typer.echo(f"{camera_id}: {config.settings.model_dump(exclude_none=True)} (from {config.source or '?'} by {config.by or '?'})")
+    return 0
+
+
 @app.command("produce")
 def produce_command(
-    sources: Annotated[list[Path], typer.Argument(help="image files, folders of images, or video files")],
-    rate: Annotated[Optional[float], typer.Option(help="frames per second (default: as fast as possible)")] = None,
+    sources: Annotated[list[str], typer.Argument(help="image files, folders of images, video files, or one live source: an rtsp(s):// or http(s):// stream URL, a video device /dev/videoN")],
+    rate: Annotated[Optional[float], typer.Option("--rate", "--fps", help="frames per second at most; from a video or live source, the frames sampled (default: every frame, as fast as possible)")] = None,
     camera: Annotated[str, typer.Option(help="camera id: the record key and the camera-id header")] = "camera-0",
     loop: Annotated[int, typer.Option(help="passes over the sources; 0 repeats until --limit or Ctrl-C")] = 1,
     limit: Annotated[Optional[int], typer.Option(help="stop after this many frames")] = None,
     validate: Annotated[bool, typer.Option(help="skip (and count) files that are not images")] = True,
     bootstrap: BootstrapOption = None,
 ) -> int:
-    """Send images or video frames to the frames topic with the documented headers."""
-    from workers.producer import produce
+    """Send images, video frames or a live camera's frames to the frames topic with the documented
+    headers. SIGTERM or Ctrl-C stops it: what was sent is flushed and the summary printed."""
+    from workers.live_source import live_source
+    from workers.producer import produce, stop_on_signals
 
-    report = produce(_worker_settings(None, bootstrap, None), sources, rate=rate, camera_id=camera, loop=loop, limit=limit, validate=validate)
+    if len(sources) == 1 and live_source(sources[0]):  # a bad address is refused here, before any connection
+        from workers.ops import configure_logging
+
+        configure_logging()  # a live source logs going offline, coming back, reconnecting
+    with stop_on_signals() as stop:
+        report = produce(_worker_settings(None, bootstrap, None), sources, rate=rate, camera_id=camera, loop=loop, limit=limit, validate=validate, stop=stop)
     for skipped in report.skipped:
         _say(f"skipped {skipped.source}: {skipped.reason}: {skipped.detail}")
     typer.echo(report.summary())

@@ -308,6 +308,22 @@ def poll_readable(consumer: KafkaConsumer, timeout_ms: int, max_records: int | N
         return {}
 
 
+def read_to_end(consumer: KafkaConsumer, partitions: Sequence[TopicPartition], poll_once: Callable[[int], int], *,
+                timeout_s: float, what: str, beat: Callable[[], None] = lambda: None) -> int:
+    """Call ``poll_once(timeout_ms)`` (which returns how many records it took) until every
+    partition's position reaches the end offset taken now: how a follower of a compacted
+    topic catches up. TimeoutError past ``timeout_s``; ``beat`` keeps liveness fresh."""
+    ends = consumer.end_offsets(list(partitions))
+    deadline = time.monotonic() + timeout_s
+    count = 0
+    while any(consumer.position(tp) < ends[tp] for tp in partitions):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not read to its end within {timeout_s} s")
+        count += poll_once(200)
+        beat()
+    return count
+
+
 def poll_batch(consumer: KafkaConsumer, size: int, timeout_ms: int,
                on_unreadable: Callable[[Unreadable], None] | None = None) -> list[ConsumerRecord]:
     """Up to ``size`` records, returning early when ``timeout_ms`` has passed since the first poll.
@@ -703,6 +719,7 @@ class BatchLoop:
         self.measure_every_s = min(MEASURE_EVERY_S, stall_after_s / 4) if stall_after_s else MEASURE_EVERY_S
         self._measured_at = float("-inf")
         self._reseeks = 0  # how often positions were reset to the committed offsets: a batch polled before is stale
+        self._handed: dict[TopicPartition, int] = {}  # per partition, one past the last record a poll handed over
 
     @property
     def transactional(self) -> bool:
@@ -733,6 +750,9 @@ class BatchLoop:
             timeout_ms = max(timeout_ms, REJOIN_POLL_MS)
         start = time.perf_counter()
         batch = poll_batch(self.consumer, self.batch_size, timeout_ms, self._unreadable)
+        for r in batch:
+            tp = TopicPartition(r.topic, r.partition)
+            self._handed[tp] = max(self._handed.get(tp, 0), r.offset + 1)
         group = self.consumer.group_metadata()
         if group.group_id is not None and group.state != MemberState.STABLE and (batch or not self._join_pending()):
             self._half_joined_since = self._half_joined_since or time.monotonic()
@@ -801,6 +821,7 @@ class BatchLoop:
         """Every owned partition back to its committed offset, read stable (the broker makes
         the read wait for a transaction still open on it): where exactly-once resumes."""
         self._reseeks += 1
+        self._handed.clear()
         owned = list(self.consumer.assignment())
         # KafkaTimeoutError after COMMIT_RETRY_S: the worker exits, its successor starts from the commits
         for tp, offset in committed_offsets(self.consumer, owned, int(1000 * COMMIT_RETRY_S)).items():
@@ -832,7 +853,7 @@ class BatchLoop:
             offsets = group_offsets(self.consumer)
             uncommitted = offsets.uncommitted()
             if self.on_lag is not None:
-                self.on_lag(uncommitted, owned)
+                self.on_lag(self._lag(offsets, uncommitted, owned), owned)
             waiting = self._waiting(offsets, uncommitted, owned) if self.liveness is not None else {}
         except KafkaError as exc:  # the broker away: no gauge moves, and it is no stall of this member
             if self.log is not None:
@@ -845,6 +866,28 @@ class BatchLoop:
         if was_stalled and self.liveness.stall is None:  # the look found nothing waiting
             self._stall_over()
         return stall
+
+    def _lag(self, offsets: GroupOffsets, uncommitted: dict[TopicPartition, int],
+             owned: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """The records behind, per partition: for those this stable member owns, the records it
+        was handed and has not committed plus those it has not fetched yet, so that the commit
+        markers of a transactional input (which end minus committed counts) do not count: the
+        gauge reads 0 once everything is handled (issue 14: it stayed at 1). Partitions of
+        other members, or any while not stable or after a refused commit: end minus committed.
+        """
+        group = self.consumer.group_metadata()
+        if (group.group_id is not None and group.state != MemberState.STABLE) or self._refused:
+            return uncommitted
+        lag = dict(uncommitted)
+        deadline = _Deadline(LAG_TIMEOUT_MS)
+        for tp in owned & offsets.ends.keys():
+            position = self.consumer.position(tp, timeout_ms=deadline.ms())
+            if position is None:
+                continue
+            committed = offsets.committed[tp]
+            handed = max(self._handed.get(tp, committed), committed)
+            lag[tp] = (handed - committed) + max(0, offsets.ends[tp] - max(position, handed))
+        return lag
 
     def _waiting(self, offsets: GroupOffsets, uncommitted: dict[TopicPartition, int],
                  owned: set[TopicPartition]) -> dict[TopicPartition, int]:

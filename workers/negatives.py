@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError
 from pipeline.selection import deviation
 from schemas.messages import NegativeRecord, Vector
 from schemas.settings import KafkaSettings
-from workers.delivery import Output, poll_readable
+from workers.delivery import Output, poll_readable, read_to_end
 from workers.kafka_clients import make_consumer
 from workers.signing import NegativeSigner, NegativeVerifier, SignatureRefused
 
@@ -229,15 +229,7 @@ class NegativeFollower:
 
     def catch_up(self, timeout_s: float = 300.0, beat=lambda: None) -> int:
         """Read until the positions reach the end offsets taken now (``beat`` keeps liveness fresh)."""
-        ends = self.consumer.end_offsets(self.partitions)
-        deadline = time.monotonic() + timeout_s
-        count = 0
-        while any(self.consumer.position(tp) < ends[tp] for tp in self.partitions):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"negatives topic not read to its end within {timeout_s} s")
-            count += self.poll(timeout_ms=200)
-            beat()
-        return count
+        return read_to_end(self.consumer, self.partitions, self.poll, timeout_s=timeout_s, what="negatives topic", beat=beat)
 
     def restart(self) -> None:
         """Forget what was applied and read the topic from the beginning again."""

@@ -101,64 +101,126 @@ BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 END_TO_END_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class WorkerMetrics:
-    """All metrics of one worker, in its own registry so several workers can live in one process (tests)."""
+# What each role exports beside what every worker does (ROLE_METRICS[""]): a scoring worker
+# with the inversion worker's counters, all zero, misleads (issue 14). A metric a role does not
+# own still exists, unregistered, so shared code may touch it; it is never exported.
+ROLE_METRICS = {
+    "": {"batch_seconds", "consumer_lag", "group_lag", "deadletters", "unreadable", "transactions_aborted", "stalled",
+         "consumer_renewals"},
+    "scoring": {"frames", "end_to_end_seconds", "bank_size", "bank_version", "negatives_rejected", "control_refused", "bundle_rollouts",
+                "camera_frames", "camera_end_to_end_seconds"},
+    "inversion": {"bank_size", "bank_version", "negatives_rejected", "negatives_published", "inverted"},
+    "events": {"events", "events_open", "frames_suppressed", "control_refused", "camera_events"},
+}
 
-    def __init__(self, role: str, **info: str) -> None:
+
+class CameraLabels:
+    """A camera id as a metric label, bounded: camera ids come from records anyone may write,
+    and each label value is a series Prometheus keeps. The first ``limit`` cameras seen keep
+    their id; the rest are 'other'."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, camera_id: str) -> str:
+        if camera_id in self.known:
+            return camera_id
+        with self._lock:
+            if len(self.known) < self.limit:
+                self.known.add(camera_id)
+                return camera_id
+        return "other"
+
+
+class WorkerMetrics:
+    """The metrics of one worker's role, in its own registry so several workers can live in one process (tests)."""
+
+    def __init__(self, role: str, max_cameras: int = 50, **info: str) -> None:
         self.role = role
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.info = Info("interneg_worker", "worker identity", registry=r)
+        owned = ROLE_METRICS[""] | ROLE_METRICS.get(role, set())
+
+
+        def r(name: str):  # the registry of a metric this role owns, else none
+            return self.registry if name in owned else None
+
+        self.cameras = CameraLabels(max_cameras)
+        self.info = Info("interneg_worker", "worker identity", registry=self.registry)
         self.info.info({"role": role, **{k: str(v) for k, v in info.items()}})
 
-        self.frames = Counter("interneg_frames", "frames handled, by outcome", ["outcome"], registry=r)
+        self.frames = Counter("interneg_frames", "frames handled, by outcome", ["outcome"], registry=r("frames"))
         self.batch_seconds = Histogram(
-            "interneg_batch_seconds", "wall time to score one batch", buckets=BATCH_BUCKETS, registry=r
+            "interneg_batch_seconds", "wall time to score one batch", buckets=BATCH_BUCKETS, registry=r("batch_seconds")
         )
         self.end_to_end_seconds = Histogram(
             "interneg_end_to_end_seconds",
             "frame timestamp header to score produced",
             buckets=END_TO_END_BUCKETS,
-            registry=r,
+            registry=r("end_to_end_seconds"),
         )
         self.consumer_lag = Gauge(
-            "interneg_consumer_lag", "records of an owned partition its group has not committed (end minus committed offset)", ["topic", "partition"], registry=r
+            "interneg_consumer_lag", "records of an owned partition its group has not committed (end minus committed offset)", ["topic", "partition"], registry=r("consumer_lag")
         )
-        self.bank_size = Gauge("interneg_bank_size", "negatives in the bank in use", registry=r)
-        self.bank_version = Gauge("interneg_bank_version", "version of the bank in use", registry=r)
-        self.deadletters = Counter("interneg_deadletters", "records sent to the dead-letter topic", ["reason"], registry=r)
+        self.bank_size = Gauge("interneg_bank_size", "negatives in the bank in use", registry=r("bank_size"))
+        self.bank_version = Gauge("interneg_bank_version", "version of the bank in use", registry=r("bank_version"))
+        self.deadletters = Counter("interneg_deadletters", "records sent to the dead-letter topic", ["reason"], registry=r("deadletters"))
         self.unreadable = Counter(
-            "interneg_records_unreadable", "records skipped because the Kafka client cannot decode them", ["topic"], registry=r
+            "interneg_records_unreadable", "records skipped because the Kafka client cannot decode them", ["topic"], registry=r("unreadable")
         )
         self.negatives_published = Counter(
-            "interneg_negatives_published", "records written to the negatives topic", ["kind"], registry=r
+            "interneg_negatives_published", "records written to the negatives topic", ["kind"], registry=r("negatives_published")
         )
-        self.inverted = Counter("interneg_inverted", "inversion candidates, by outcome", ["outcome"], registry=r)
+        self.inverted = Counter("interneg_inverted", "inversion candidates, by outcome", ["outcome"], registry=r("inverted"))
         self.transactions_aborted = Counter(
-            "interneg_transactions_aborted", "exactly-once mode: batches whose transaction was aborted and redone", registry=r
+            "interneg_transactions_aborted", "exactly-once mode: batches whose transaction was aborted and redone", registry=r("transactions_aborted")
         )
         self.group_lag = Gauge(
             "interneg_group_lag",
             "records of the input topic the worker's consumer group has not committed, all partitions (every member "
             "reports the same: take the max)",
             ["topic"],
-            registry=r,
+            registry=r("group_lag"),
         )
         self.stalled = Gauge(
             "interneg_worker_stalled",
             "1 while the worker owns partitions with records waiting and has committed nothing for worker.stall_after_s",
-            registry=r,
+            registry=r("stalled"),
         )
         self.consumer_renewals = Counter(
-            "interneg_consumer_renewals", "Kafka consumers replaced after a stall (liveness watch)", registry=r
+            "interneg_consumer_renewals", "Kafka consumers replaced after a stall (liveness watch)", registry=r("consumer_renewals")
         )
         self.negatives_rejected = Counter(
-            "interneg_negatives_rejected", "records of the negatives topic refused (unsigned or badly signed, malformed, foreign, inadmissible)", registry=r
+            "interneg_negatives_rejected", "records of the negatives topic refused (unsigned or badly signed, malformed, foreign, inadmissible)", registry=r("negatives_rejected")
         )
+        self.bundle_rollouts = Counter("interneg_bundle_rollouts", "bundles rolled out through ood.control, by outcome",
+                                       ["outcome"], registry=r("bundle_rollouts"))
+        self.control_refused = Counter("interneg_control_refused", "records of the control topic refused (malformed, foreign model)", registry=r("control_refused"))
+        self.events = Counter("interneg_events", "OOD events told, by status", ["status"], registry=r("events"))
+        self.events_open = Gauge("interneg_events_open", "OOD events open on the cameras this worker holds", registry=r("events_open"))
+        self.frames_suppressed = Counter(
+            "interneg_ood_frames_suppressed", "OOD frames that opened nothing because their camera was in its cooldown", registry=r("frames_suppressed")
+        )
+
+        self.camera_frames = Counter(
+            "interneg_camera_frames", "frames scored per camera, by outcome (cameras past the label bound count as 'other')",
+            ["camera", "outcome"], registry=r("camera_frames"),
+        )
+        self.camera_end_to_end_seconds = Histogram(
+            "interneg_camera_end_to_end_seconds", "frame timestamp header to score produced, per camera", ["camera"],
+            buckets=END_TO_END_BUCKETS, registry=r("camera_end_to_end_seconds"),
+        )
+        self.camera_events = Counter("interneg_camera_events", "OOD events told per camera, by status", ["camera", "status"],
+                                     registry=r("camera_events"))
 
         # Known label values start at 0 so rate() and absent-series alerts work before the first event.
         for outcome in ("scored", "alert", "deadletter", "candidate"):
             self.frames.labels(outcome=outcome)
+        for status in ("opened", "updated", "closed"):
+            self.events.labels(status=status)
+        for outcome in ("adopted", "refused"):
+            self.bundle_rollouts.labels(outcome=outcome)
         for kind in ("negative", "tombstone"):
             self.negatives_published.labels(kind=kind)
         for outcome in ("admitted", "inadmissible", "duplicate", "already_in_bank", "below_bound", "not_finite", "stale"):

@@ -14,9 +14,12 @@ The content type comes from the bytes (magic numbers), not the file name.
 from __future__ import annotations
 
 import io
+import signal
+import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -58,8 +61,8 @@ class ProduceReport:
     bytes: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     elapsed_s: float = 0.0
-    interrupted: bool = False  # stopped by Ctrl-C; what was sent before is flushed and acknowledged
-    frames: list[tuple[str, str]] = field(default_factory=list)  # (source, frame id) of each frame sent
+    interrupted: bool = False  # stopped by a signal (SIGTERM, Ctrl-C); what was sent before is flushed and acknowledged
+    frames: list[tuple[str, str]] = field(default_factory=list)  # (source, frame id) of each frame sent; none kept for a live source
 
     @property
     def frame_ids(self) -> list[str]:
@@ -235,25 +238,50 @@ def frame_headers(frame_id: str, camera_id: str, ts_ms: int, content_type: str) 
     ]
 
 
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event that SIGTERM and SIGINT set, for ``produce(stop=...)``: it stops between frames,
+    flushes what it sent and returns its report. A second signal interrupts at once.
+    Call from the main thread (Python delivers signals there)."""
+    stop = threading.Event()
+
+    def handle(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def produce(
     settings: Settings,
-    sources: list[Path],
+    sources: Sequence[str | Path],
     *,
     rate: float | None,
     camera_id: str,
     loop: int = 1,
     limit: int | None = None,
     validate: bool = True,
+    stop: threading.Event | None = None,
 ) -> ProduceReport:
-    """Send frames from image files, folders or video files to ``settings.topics.frames``.
+    """Send frames from image files, folders, video files or a live source to ``settings.topics.frames``.
 
     Options (CLI flags):
       sources   image files, folders (their image files by suffix, sorted, not recursive)
                 or video files (by suffix: .mp4 .mkv .mov .webm .avi ...), in order.
-                A file named explicitly is read whatever its suffix.
+                A file named explicitly is read whatever its suffix. Or one live source,
+                alone: an rtsp://, rtsps://, http:// or https:// stream URL, or a video
+                device /dev/videoN, read until stopped (workers/live_source.py; loop does
+                not apply).
       rate      frames per second at most (sends are paced on a fixed schedule); None =
                 as fast as possible. For a video whose frame rate is higher, every Nth
-                frame is taken (N = round(video fps / rate)).
+                frame is taken (N = round(video fps / rate)); from a live source, at
+                most ``rate`` of the frames arriving each second.
       camera_id the record key and the ``camera-id`` header; must not be empty.
       loop      passes over all the sources (1 = once); 0 = repeat until ``limit`` or Ctrl-C.
       limit     stop after this many frames sent (skipped items do not count); None = no limit.
@@ -262,10 +290,14 @@ def produce(
                 listed in the report with a reason. False: every file is sent as it is, with
                 content-type from its magic bytes or application/octet-stream.
 
+      stop      once set, sending stops and the report is returned (interrupted); see
+                stop_on_signals.
+
     Files are sent byte for byte; video frames are encoded as JPEG. Every send is
     acknowledged before this returns (producer flushed, each future checked); a failed
     send raises ProduceError. Ctrl-C stops sending and returns the report (interrupted).
-    Missing sources raise FileNotFoundError before anything is sent.
+    Missing sources raise FileNotFoundError, and a malformed or unsupported URL or a
+    missing device InputError, before anything is sent.
     """
     if not camera_id:
         raise ConfigError("camera_id must not be empty")
@@ -275,6 +307,14 @@ def produce(
         raise ConfigError(f"loop must be >= 0, got {loop}")
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
+    from workers.live_source import live_source, produce_live  # it builds on this module
+
+    stop = stop or threading.Event()
+    live = [found for found in (live_source(str(source)) for source in sources) if found is not None]
+    if live:
+        if len(sources) > 1:
+            raise InputError(f"{live[0].shown}: a live source has no end, so it is produced alone (one produce per camera)")
+        return produce_live(settings, live[0], rate=rate, camera_id=camera_id, limit=limit, validate=validate, stop=stop)
     items = _expand_sources(sources)
     topic = settings.topics.frames
     report = ProduceReport(topic=topic, camera_id=camera_id)
@@ -286,17 +326,21 @@ def produce(
     acks = _Acks()
     start = time.monotonic()
     next_at = start
+
+    def done() -> bool:
+        return stop.is_set() or (limit is not None and report.sent >= limit)
+
     try:
         passes = 0
-        while (loop == 0 or passes < loop) and (limit is None or report.sent < limit):
+        while (loop == 0 or passes < loop) and not done():
             passes += 1
             sent_this_pass = 0
             for kind, path in items:
-                if limit is not None and report.sent >= limit:
+                if done():
                     break
                 frames = _video_frames(path, rate) if kind == "video" else iter([_read_file(path)])
                 for frame in frames:
-                    if limit is not None and report.sent >= limit:
+                    if done():
                         break
                     if frame.source in rejected:
                         continue
@@ -311,8 +355,8 @@ def produce(
                     content_type = sniff_content_type(data) or OCTET_STREAM
                     if interval:  # a fixed schedule; after a stall it restarts from now (no burst)
                         now = time.monotonic()
-                        if now < next_at:
-                            time.sleep(next_at - now)
+                        if now < next_at and stop.wait(next_at - now):
+                            break
                         next_at = max(next_at, now) + interval
                     frame_id = uuid.uuid4().hex
                     headers = frame_headers(frame_id, camera_id, int(time.time() * 1000), content_type)
@@ -332,6 +376,7 @@ def produce(
             acks.wait_all()
         finally:
             producer.close(timeout=10)
+    report.interrupted = report.interrupted or stop.is_set()
     report.elapsed_s = time.monotonic() - start
     return report
 
@@ -394,4 +439,5 @@ __all__ = [
     "produce",
     "produce_records",
     "sniff_content_type",
+    "stop_on_signals",
 ]

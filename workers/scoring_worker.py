@@ -10,11 +10,15 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from kafka.consumer.fetcher import ConsumerRecord
 from PIL import Image
 
+from pipeline.allow import AllowList
+from pipeline.bundle import BundleError, load_bundle_with_model, manifest_digest
+from pipeline.errors import InterNegError
 from pipeline.images import ImageRejected, check_dimensions, decode_image
 from pipeline.preprocess import BatchPreprocessor, UnsupportedTransform, decode_jpegs_on_device
 from pipeline.methods import scorer_from_bundle
@@ -34,11 +38,23 @@ from schemas.messages import (
     Vector,
     WeighedNegative,
 )
-from schemas.settings import Settings
+from schemas.settings import CameraSettings, Settings
 from workers.delivery import Output, header
+from workers.control import ControlFollower
 from workers.worker import BundleWorker
 
 MAX_KEY_BYTES = 1024
+NO_CAMERA_SETTINGS = CameraSettings()
+
+
+def crop_to(image: Image.Image, roi: tuple[float, float, float, float], max_aspect_ratio: float) -> Image.Image:
+    """The camera's region of interest; refused like a frame if the region is a sliver."""
+    w, h = image.size
+    x0, y0, x1, y1 = roi
+    box = (int(x0 * w), int(y0 * h), max(int(x0 * w) + 1, round(x1 * w)), max(int(y0 * h) + 1, round(y1 * h)))
+    region = image.crop(box)
+    check_dimensions(*region.size, max_pixels=w * h, max_aspect_ratio=max_aspect_ratio)
+    return region
 MAX_TS_MS = 2**63 - 1  # what a Kafka timestamp (int64) can hold
 
 
@@ -57,6 +73,7 @@ class Prepared:
     batch: torch.Tensor | None = None
     rejected: list = field(default_factory=list)  # (record, reason, detail)
     seconds: float = 0.0
+    generation: int = 0  # the bundle generation whose transform decoded it
 
 
 @dataclass
@@ -135,10 +152,16 @@ class Routing:
 
 
 def to_outputs(frames: list[Frame], emb, result: Scores, explanations: list, routing: Routing, *, bank_version: int,
-               bank_size: int, now_ms: int, timings: Timings) -> list[Output]:
+               bank_size: int, now_ms: int, timings: Timings, allowed: list[str | None] | None = None,
+               thresholds: list[float] | None = None) -> list[Output]:
     """A scored batch's records: a score per frame, an alert per OOD frame, a candidate per
-    confidently-OOD frame when the method adapts remotely. Pure: no Kafka, no clock, no state."""
+    confidently-OOD frame when the method adapts remotely. A frame an operator's allow-list
+    entry covers (``allowed``) is in-distribution: no alert, and no candidate, since it must
+    not become a negative. ``thresholds``: per frame, its camera's own (default: the routing's).
+    Pure: no Kafka, no clock, no state."""
     outputs = []
+    allowed = allowed if allowed is not None else [None] * len(frames)
+    thresholds = thresholds if thresholds is not None else [routing.threshold] * len(frames)
     for i, frame in enumerate(frames):
         r = frame.record
         score = float(result.score[i])
@@ -149,7 +172,7 @@ def to_outputs(frames: list[Frame], emb, result: Scores, explanations: list, rou
             source=SourceRef(topic=r.topic, partition=r.partition, offset=r.offset),
             method=routing.method,
             score=score,
-            threshold=routing.threshold,
+            threshold=thresholds[i],
             id_class=routing.class_names[int(result.id_class[i])],
             id_prob=float(result.id_prob[i]),
             negatives=[WeighedNegative(label=label, cos=cos) for label, cos in explanations[i]],
@@ -159,12 +182,18 @@ def to_outputs(frames: list[Frame], emb, result: Scores, explanations: list, rou
             worker=routing.worker,
             scored_at_ms=now_ms,
         )
-        verdict = judge(score, routing.threshold)
+        verdict = judge(score, thresholds[i])
+        allowed_by = allowed[i] if verdict == "ood" else None
+        if allowed_by is not None:
+            verdict = "id"
         key = frame.frame_id.encode()
-        outputs.append(Output(routing.scores_topic, key, FrameScore(**common, verdict=verdict, timings=timings).to_bytes(), source=r))
+        outputs.append(Output(routing.scores_topic, key, FrameScore(**common, verdict=verdict, allowed_by=allowed_by, timings=timings).to_bytes(),
+                              source=r))
         if verdict == "ood":
-            outputs.append(Output(routing.alerts_topic, key, OODAlert(**common).to_bytes(), source=r))
-        if routing.candidate_below is not None and score < routing.candidate_below:
+            # keyed by camera: a camera's alerts stay in order on one partition, which the events worker needs
+            alert = OODAlert(**common, embedding=Vector.from_numpy(emb[i], routing.model_id, "float16"))
+            outputs.append(Output(routing.alerts_topic, frame.camera_id.encode(), alert.to_bytes(), source=r))
+        if routing.candidate_below is not None and score < routing.candidate_below and allowed_by is None:
             candidate = Candidate(frame_id=frame.frame_id, camera_id=frame.camera_id, source=common["source"], score=score,
                                   embedding=Vector.from_numpy(emb[i], routing.model_id), created_ms=now_ms)
             outputs.append(Output(routing.candidates_topic, key, candidate.to_bytes(), source=r))
@@ -176,41 +205,127 @@ class ScoringWorker(BundleWorker):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.scorer = scorer_from_bundle(self.bundle, settings, inverter=None)  # scoring workers never invert
-        if self.scorer.adapts_remotely:
-            self.bank = self.scorer.bank  # followed from ood.negatives
-        t = settings.topics
-        self.routing = Routing(
-            scores_topic=t.scores, alerts_topic=t.alerts, candidates_topic=t.candidates, threshold=settings.method.threshold,
-            candidate_below=settings.method.beta if self.scorer.adapts_remotely else None, method=self.scorer.name,
-            model_id=self.loaded.model_id, worker=self.name, class_names=self.bundle.class_names,
-        )
+        self._adopt(self.bundle, self.loaded, scorer_from_bundle(self.bundle, settings, inverter=None))  # scoring workers never invert
+        self.bundle_digest = manifest_digest(settings.worker.bundle)
+        self.bundle_path = str(settings.worker.bundle)
+        self.generation = 0  # bumped by each bundle adopted while running: a batch decoded before is decoded again
+        self.rollout_error: str | None = None
+        self._refused_rollout: str | None = None  # the digest last refused: not retried every batch
         self.pool = ThreadPoolExecutor(settings.worker.decode_threads, thread_name_prefix="decode")
-        try:
-            self.preprocessor = BatchPreprocessor.for_model(self.loaded.model, self.loaded.crop_fraction)
-        except UnsupportedTransform:
-            self.preprocessor = None  # the model's own per-image transform
-        self.gpu_decode = settings.worker.gpu_decode and self.loaded.device.type == "cuda" and self.preprocessor is not None
+        self.allow = AllowList(settings.method.allow_cos)
+        self.control: ControlFollower | None = None
         self.frames_scored = 0
         self.adaptations = 0  # changes this replica made to its own state (AdaNeg's memory writes)
+
+    def _adopt(self, bundle, loaded, scorer) -> None:
+        """Run ``bundle`` with ``loaded`` and its ``scorer``: bank, output rules and image transform."""
+        settings = self.settings
+        t = settings.topics
+        routing = Routing(
+            scores_topic=t.scores, alerts_topic=t.alerts, candidates_topic=t.candidates, threshold=settings.method.threshold,
+            candidate_below=settings.method.beta if scorer.adapts_remotely else None, method=scorer.name,
+            model_id=loaded.model_id, worker=self.name, class_names=bundle.class_names,
+        )
+        try:
+            preprocessor = BatchPreprocessor.for_model(loaded.model, loaded.crop_fraction)
+        except UnsupportedTransform:
+            preprocessor = None  # the model's own per-image transform
+        self.bundle, self.loaded, self.scorer, self.routing, self.preprocessor = bundle, loaded, scorer, routing, preprocessor
+        self.bank = scorer.bank if scorer.adapts_remotely else None  # followed from ood.negatives
+        self.gpu_decode = settings.worker.gpu_decode and loaded.device.type == "cuda" and preprocessor is not None
 
     def input(self) -> tuple[str, str, int]:
         s = self.settings
         return s.topics.frames, s.kafka.scoring_group, s.worker.batch_size
 
     def counters(self) -> dict:
-        return {"method": self.scorer.name, "frames_scored": self.frames_scored, "adaptations": self.adaptations}
+        return {"method": self.scorer.name, "frames_scored": self.frames_scored, "adaptations": self.adaptations,
+                "allow_entries": len(self.allow.entries), "cameras_configured": len(self.control.cameras) if self.control is not None else 0,
+                "bundle": self.bundle_path, "bundle_digest": self.bundle_digest, "rollout_error": self.rollout_error}
+
+    def camera(self, camera_id: str) -> CameraSettings:
+        """A camera's own settings from the control topic (empty when it has none)."""
+        found = self.control.cameras.get(camera_id) if self.control is not None else None
+        return found if found is not None else NO_CAMERA_SETTINGS
+
+    def threshold(self, camera_id: str) -> float:
+        own = self.camera(camera_id).threshold
+        return own if own is not None else self.settings.method.threshold
+
+    def catch_up(self) -> None:
+        super().catch_up()
+        self._follow_control()
+        self._follow_rollout()  # a replica started after a rollout runs the rolled-out bundle too
+
+    def _follow_control(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        self.allow = AllowList(self.settings.method.allow_cos)  # entries are vectors of one model
+        self.control = ControlFollower(self.settings, self.log, allow=self.allow, model_id=self.loaded.model_id,
+                                       dim=self.loaded.embed_dim, on_refused=self.metrics.control_refused.inc)
+        applied = self.control.catch_up(beat=self.ops.beat)
+        self.log.info("control caught up", records=applied, allow_entries=len(self.allow.entries))
+
+    def _follow_rollout(self) -> None:
+        """Between batches: adopt the bundle last rolled out on ood.control, if it is not the one
+        running. It is loaded and checked first (every file against the manifest the record
+        names); one that cannot be is refused, logged and shown in /status, and the worker goes
+        on with the bundle it runs."""
+        rollout = self.control.rollout if self.control is not None else None
+        if rollout is None or rollout.manifest_sha256 in (self.bundle_digest, self._refused_rollout):
+            return
+        started = time.perf_counter()
+        try:
+            path = Path(rollout.path)
+            if manifest_digest(path) != rollout.manifest_sha256:
+                raise BundleError(f"{path}: its manifest is not the one rolled out (sha256 {rollout.manifest_sha256[:16]}…)")
+            bundle, loaded = load_bundle_with_model(path, self.settings.model.device, self.settings.model.precision)
+            self.ops.beat()
+            scorer = scorer_from_bundle(bundle, self.settings, inverter=None)  # refuses a bundle without this method's state
+            follower = self.follow_negatives(bundle, scorer.bank, loaded.model_id) if scorer.adapts_remotely else None
+        except (InterNegError, OSError, TimeoutError) as exc:
+            self._refused_rollout, self.rollout_error = rollout.manifest_sha256, f"{rollout.path}: {exc}"[:500]
+            self.metrics.bundle_rollouts.labels(outcome="refused").inc()
+            self.log.error("bundle rollout refused: this worker goes on with the bundle it runs", path=rollout.path,
+                           error=str(exc)[:300], running=self.bundle_path)
+            return
+        old_model = self.loaded.model_id
+        if self.follower is not None:
+            self.follower.close()
+        self._adopt(bundle, loaded, scorer)
+        self.follower = follower
+        self.bundle_path, self.bundle_digest, self.rollout_error = rollout.path, rollout.manifest_sha256, None
+        self.generation += 1  # after the swap: a decode that saw this generation saw the new transform
+        if loaded.model_id != old_model:
+            self._follow_control()  # allow-list vectors are the old model's
+        if self.bank is not None:
+            self._bank_metrics()
+        self.metrics.bundle_rollouts.labels(outcome="adopted").inc()
+        self.log.info("bundle rolled out here", path=rollout.path, model_id=loaded.model_id, method=self.scorer.name,
+                      classes=len(bundle.class_names), seconds=round(time.perf_counter() - started, 2))
+
+    def between_batches(self) -> None:
+        super().between_batches()
+        if self.control is not None:
+            self.control.poll()
+            self._follow_rollout()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        if self.control is not None:
+            self.control.close()
 
     # --- one batch: prepare (decode threads, overlapped with the previous batch) then handle ---
     def _decode(self, frame: Frame):
         """Frame bytes -> uint8 array for the batched transform (or the model's own transform)."""
         images = self.settings.images
         short = self.preprocessor.short_side if self.preprocessor is not None else None
-        image = decode_image(frame.record.value, max_bytes=images.max_bytes, max_pixels=images.max_pixels, draft_short_side=short,
+        roi = self.camera(frame.camera_id).roi
+        image = decode_image(frame.record.value, max_bytes=images.max_bytes, max_pixels=images.max_pixels,
+                             draft_short_side=None if roi is not None else short,  # the region, not the frame, is resized
                              max_aspect_ratio=images.max_aspect_ratio, content_type=frame.content_type)
+        if roi is not None:
+            image = crop_to(image, roi, images.max_aspect_ratio)
         return self.preprocessor.to_uint8(image) if self.preprocessor is not None else self.loaded.preprocess(image)
 
     def _decode_safely(self, frame: Frame):
@@ -225,7 +340,7 @@ class ScoringWorker(BundleWorker):
 
     def decode_batch(self, records: list[ConsumerRecord]) -> Prepared:
         start = time.perf_counter()
-        prepared = Prepared()
+        prepared = Prepared(generation=self.generation)  # read before the transform: a swap after it is caught in handle
         frames: list[Frame] = []
         for record in records:
             try:
@@ -255,6 +370,8 @@ class ScoringWorker(BundleWorker):
         images = self.settings.images
         for frame in frames:
             data = frame.record.value
+            if self.camera(frame.camera_id).roi is not None:  # the CPU path crops
+                return False
             if not data.startswith(b"\xff\xd8") or len(data) > images.max_bytes or frame.content_type not in (None, "image/jpeg"):
                 return False
             try:
@@ -276,7 +393,8 @@ class ScoringWorker(BundleWorker):
         return True
 
     def handle(self, records: list[ConsumerRecord], prepared: Prepared | None = None) -> list[Output]:
-        prepared = prepared if prepared is not None else self.decode_batch(records)
+        if prepared is None or prepared.generation != self.generation:  # decoded for the bundle before a rollout
+            prepared = self.decode_batch(records)
         outputs = [self._reject_frame(record, reason, detail) for record, reason, detail in prepared.rejected]
         kept = prepared.frames
         if not kept:
@@ -299,17 +417,24 @@ class ScoringWorker(BundleWorker):
         self.stage_seconds = {"decode": prepared.seconds, "encode": encoded - decoded, "score": scored - encoded}
         now_ms = int(time.time() * 1000)
         bank = self.bank
+        allowed = self.allow.match(emb, [f.camera_id for f in kept])
         produced = to_outputs(kept, emb, result, explanations, self.routing, bank_version=bank.version if bank is not None else 0,
-                              bank_size=len(bank.entries) if bank is not None else 0, now_ms=now_ms, timings=timings)
+                              bank_size=len(bank.entries) if bank is not None else 0, now_ms=now_ms, timings=timings, allowed=allowed,
+                              thresholds=[self.threshold(f.camera_id) for f in kept])
         if self.scorer.adapts and not self.scorer.adapts_remotely:  # AdaNeg: this replica's own memory, for the next batch
             self.adaptations += self.scorer.apply(self.scorer.propose(emb, result, [f.frame_id for f in kept]))
         t = self.settings.topics
+        m = self.metrics
+        camera_of = {id(f.record): f.camera_id for f in kept}
         for output in produced:
             outcome = {t.scores: "scored", t.alerts: "alert", t.candidates: "candidate"}[output.topic]
-            self.metrics.frames.labels(outcome=outcome).inc()
+            m.frames.labels(outcome=outcome).inc()
+            m.camera_frames.labels(camera=m.cameras(camera_of[id(output.source)]), outcome=outcome).inc()
         for frame in kept:
             if frame.ts_ms is not None:
-                self.metrics.end_to_end_seconds.observe(max(0.0, now_ms - frame.ts_ms) / 1000)
+                seconds = max(0.0, now_ms - frame.ts_ms) / 1000
+                m.end_to_end_seconds.observe(seconds)
+                m.camera_end_to_end_seconds.labels(camera=m.cameras(frame.camera_id)).observe(seconds)
         self.frames_scored += n
         return outputs + produced
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import TextIO
 
 from kafka import TopicPartition
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from pipeline.errors import InterNegError
 from schemas.messages import (
@@ -26,6 +26,8 @@ from schemas.messages import (
     H_DL_TRUNCATED,
     H_DL_WORKER,
     FrameScore,
+    JudgedFrame,
+    OODAlert,
 )
 from schemas.settings import Settings
 from workers.delivery import header, poll_readable
@@ -51,7 +53,12 @@ def _shown(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def format_alert(alert: FrameScore) -> str:
+# A record of the alerts or the scores topic: the two differ (an alert carries the frame's
+# embedding, a score its timings), and either prints as one line.
+JUDGED = TypeAdapter(OODAlert | FrameScore)
+
+
+def format_alert(alert: JudgedFrame) -> str:
     """One readable line: time, camera, frame id, verdict, score, top ID class, weighed negatives.
 
     The time is the frame's ``ts`` (when the camera took it) when known, else when it was scored.
@@ -188,7 +195,7 @@ def _render(record, as_json: bool, err: TextIO) -> str | None:
         print(f"warning: {where}: null value (tombstone), skipped", file=err, flush=True)
         return None
     try:
-        alert = FrameScore.from_bytes(record.value)
+        alert = JUDGED.validate_json(record.value)
     except ValidationError as exc:
         problems = exc.errors()
         first = problems[0] if problems else {}

@@ -19,6 +19,8 @@ def topic_configs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     # One partition keeps the negatives in a single total order, so every replica reads
     # them in the same sequence; compaction keeps the latest record (or tombstone) per id.
     negatives = {"max.message.bytes": str(k.max_message_bytes), "cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}
+    # Per-camera state and operator control: the latest record per key is all that matters.
+    compacted = {"max.message.bytes": str(k.max_message_bytes), "cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}
     return {
         t.frames: (t.partitions, streamed),
         t.scores: (t.partitions, streamed),
@@ -26,6 +28,10 @@ def topic_configs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
         t.candidates: (t.partitions, streamed),
         t.deadletter: (t.partitions, streamed),
         t.negatives: (1, negatives),
+        t.events: (t.partitions, streamed),
+        t.cameras: (1, streamed),
+        t.event_state: (t.partitions, compacted),
+        t.control: (1, compacted),  # one total order, read whole by every worker, as the negatives are
     }
 
 

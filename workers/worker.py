@@ -25,20 +25,17 @@ from workers.topic_watch import TopicWatch
 
 
 
-class BundleWorker(ABC):
+class Worker(ABC):
+    """A process around one batch loop: settings, name, logs, ops endpoints, signals."""
+
     role: str
 
     def __init__(self, settings: Settings):
-        if settings.worker.bundle is None:
-            raise ConfigError(f"the {self.role} worker needs a bundle: set INTERNEG_WORKER__BUNDLE or --bundle")
         self.settings = settings
         self.name = settings.worker.name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
         self.log = get_logger(self.role).bind(worker=self.name)
         self.stop_event = threading.Event()
-        self.bundle, self.loaded = load_bundle_with_model(settings.worker.bundle, settings.model.device, settings.model.precision,
-                                                          model=settings.model)
-        self.signer, self.verifier = keys_from_settings(settings.bank)
-        self.metrics = WorkerMetrics(self.role)
+        self.metrics = WorkerMetrics(self.role, max_cameras=settings.worker.metrics_cameras)
         self.ops = OpsServer(self.metrics, settings.worker.http_host, settings.worker.http_port, self.status)
         self.bank: NegativeBank | None = None  # a subclass that follows ood.negatives sets it
         self.follower: NegativeFollower | None = None
@@ -69,22 +66,20 @@ class BundleWorker(ABC):
 
     # --- shared --------------------------------------------------------------------------
     def status(self) -> dict:
-        bank = self.bank
         return {
             "worker": self.name,
             "role": self.role,
-            "model_id": self.loaded.model_id,
-            "exactly_once": self.settings.worker.exactly_once,
+            "exactly_once": self.exactly_once(),
             "batches": self.batches,
             **self.counters(),
-            "bank_size": len(bank.entries) if bank is not None else 0,
-            "bank_version": bank.version if bank is not None else 0,
-            "bank_digest": bank.digest() if bank is not None else "",
-            "bank_sha256": bank.sha256() if bank is not None else "",
-            "negatives_rejected": self.follower.rejected if self.follower is not None else 0,
-            "negatives_verify_key": self.verifier.fingerprint() if self.verifier is not None else None,
-            "bank_ids": bank.ranked_ids() if bank is not None else [],
         }
+
+    def exactly_once(self) -> bool:
+        return self.settings.worker.exactly_once
+
+    def starting(self) -> dict:
+        """Fields of the 'starting' log line."""
+        return {}
 
     def transactional_id(self) -> str:
         """Stable across restarts of a worker with the same name, so a restart aborts the dead one's transaction."""
@@ -152,32 +147,23 @@ class BundleWorker(ABC):
         return TopicWatch(self.settings.kafka, {topic: "input", **negatives}, self.ops, self.log, self.metrics).start()
 
     def serve(self) -> None:
-        """Catch up with the negatives, report ready, run batches until SIGTERM, drain, stop."""
+        """Catch up with what the worker follows, report ready, run batches until SIGTERM, drain, stop."""
         s = self.settings
         topic, group, batch_size = self.input()
         self.ops.start()
-        self.log.info("starting", http_port=self.ops.port, model_id=self.loaded.model_id, bundle=str(s.worker.bundle), input=topic)
+        self.log.info("starting", http_port=self.ops.port, input=topic, **self.starting())
         watch: TopicWatch | None = None
         try:
-            if self.bank is not None:
-                if self.verifier is None:
-                    self.log.warning("negatives are not authenticated: anyone who can write to the topic can change this "
-                                     "worker's bank; set INTERNEG_BANK__VERIFY_KEY (see 'interneg keygen')", topic=s.topics.negatives)
-                self.follower = NegativeFollower(
-                    s.kafka, s.topics.negatives, self.bank, self.loaded.model_id, self.log, check=NegativeCheck.of(self.bundle),
-                    verifier=self.verifier, on_rejected=self.metrics.negatives_rejected.inc,
-                )
-                applied = self.follower.catch_up(beat=self.ops.beat)
-                self._bank_metrics()
-                self.log.info("negatives caught up", records=applied, bank_size=len(self.bank.entries), digest=self.bank.digest()[:16])
-            # read_committed: in exactly-once mode an aborted batch's candidates never reach the inverter
+            self.catch_up()
+
+            # read_committed: the outputs of an aborted exactly-once batch (candidates, alerts) never reach the next reader
             def new_consumer():
                 return make_consumer(s.kafka, topic, group_id=group, isolation_level="read_committed")
 
             transactional = {"transactional_id": self.transactional_id(), "transaction_timeout_ms": s.kafka.transaction_timeout_ms}
             self.loop = loop = BatchLoop(
                 new_consumer(),
-                make_producer(s.kafka, **(transactional if s.worker.exactly_once else {})),
+                make_producer(s.kafka, **(transactional if self.exactly_once() else {})),
                 self._handle_fitting,
                 prepare=self.prepare_ahead,
                 batch_size=batch_size,
@@ -186,7 +172,7 @@ class BundleWorker(ABC):
                 between_batches=self.between_batches,
                 on_batch=self.on_batch,
                 log=self.log,
-                transactional=s.worker.exactly_once,
+                transactional=self.exactly_once(),
                 on_abort=self._aborted,
                 stall_after_s=s.worker.stall_after_s,
                 renew_consumer=new_consumer,
@@ -207,6 +193,9 @@ class BundleWorker(ABC):
             self.ops.stop()
             self.log.info("stopped", batches=self.batches, **self.counters())
 
+    def catch_up(self) -> None:
+        """What the worker must have read before its first batch (a subclass's)."""
+
     @classmethod
     def main(cls, settings: Settings) -> int:
         configure_logging()
@@ -220,3 +209,52 @@ class BundleWorker(ABC):
         signal.signal(signal.SIGINT, stop)
         worker.serve()
         return 0
+
+
+class BundleWorker(Worker):
+    """A worker with a detector bundle and its model, that may follow ``ood.negatives``."""
+
+    def __init__(self, settings: Settings):
+        if settings.worker.bundle is None:
+            raise ConfigError(f"the {self.role} worker needs a bundle: set INTERNEG_WORKER__BUNDLE or --bundle")
+        super().__init__(settings)
+        self.bundle, self.loaded = load_bundle_with_model(settings.worker.bundle, settings.model.device, settings.model.precision,
+                                                          model=settings.model)
+        self.signer, self.verifier = keys_from_settings(settings.bank)
+
+    def starting(self) -> dict:
+        return {"model_id": self.loaded.model_id, "bundle": str(self.settings.worker.bundle)}
+
+    def status(self) -> dict:
+        bank = self.bank
+        return {
+            **super().status(),
+            "model_id": self.loaded.model_id,
+            "bank_size": len(bank.entries) if bank is not None else 0,
+            "bank_version": bank.version if bank is not None else 0,
+            "bank_digest": bank.digest() if bank is not None else "",
+            "bank_sha256": bank.sha256() if bank is not None else "",
+            "negatives_rejected": self.follower.rejected if self.follower is not None else 0,
+            "negatives_verify_key": self.verifier.fingerprint() if self.verifier is not None else None,
+            "bank_ids": bank.ranked_ids() if bank is not None else [],
+        }
+
+    def catch_up(self) -> None:
+        if self.bank is None:
+            return
+        if self.verifier is None:
+            self.log.warning("negatives are not authenticated: anyone who can write to the topic can change this "
+                             "worker's bank; set INTERNEG_BANK__VERIFY_KEY (see 'interneg keygen')", topic=self.settings.topics.negatives)
+        self.follower = self.follow_negatives(self.bundle, self.bank, self.loaded.model_id)
+        self._bank_metrics()
+
+    def follow_negatives(self, bundle, bank: NegativeBank, model_id: str) -> NegativeFollower:
+        """A follower of ood.negatives for ``bank``, caught up (read to the end)."""
+        s = self.settings
+        follower = NegativeFollower(
+            s.kafka, s.topics.negatives, bank, model_id, self.log, check=NegativeCheck.of(bundle),
+            verifier=self.verifier, on_rejected=self.metrics.negatives_rejected.inc,
+        )
+        applied = follower.catch_up(beat=self.ops.beat)
+        self.log.info("negatives caught up", records=applied, bank_size=len(bank.entries), digest=bank.digest()[:16])
+        return follower

@@ -25,7 +25,7 @@
 # stays in it) is a broker as production runs it, and nothing above applies:
 #   SASL_SSL        the only listener for clients (first port of DIR/ports): TLS with the
 #                   throwaway CA (needs openssl), SASL mechanism SCRAM-SHA-512. One SCRAM user
-#                   per role, interneg-{admin,camera,scoring,inversion,operator}, created when
+#                   per role, interneg-{admin,camera,scoring,inversion,events,operator}, created when
 #                   the storage is formatted, random passwords in DIR/acl/ROLE.password and
 #                   the INTERNEG_KAFKA__* variables in DIR/acl/ROLE.env. host:port is the last
 #                   stdout line and DIR/bootstrap.
@@ -48,7 +48,7 @@ START_TIMEOUT=${KAFKA_START_TIMEOUT:-60}
 read -ra JVM_OPTS <<<"${KAFKA_JVM_OPTS:--Xmx512m -Xms128m -XX:TieredStopAtLevel=1}"
 
 ACL_FILE=${KAFKA_ACL_FILE:-$HERE/acls}
-ACL_ROLES=(admin camera scoring inversion operator)
+ACL_ROLES=(admin camera scoring inversion events operator)
 # The principal the broker's certificate gives it on its own TLS listeners (ACL mode).
 BROKER_PRINCIPAL="User:CN=interneg-test-server"
 

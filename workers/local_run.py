@@ -23,7 +23,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from pipeline.errors import ConfigError, InputError
-from schemas.messages import FrameScore
+from schemas.messages import FrameScore, OODEvent
 from schemas.settings import Settings
 from workers.kafka_clients import make_admin, make_consumer
 from workers.processes import WorkerProcess
@@ -283,7 +283,8 @@ def local_run(
         if bundle.prototypes is not None:
             workers.append(WorkerProcess("invert-worker", settings, out / "logs" / "invert-worker.log"))
         scorer = WorkerProcess("score-worker", settings, out / "logs" / "score-worker.log")
-        workers.append(scorer)
+        events = WorkerProcess("events-worker", settings, out / "logs" / "events-worker.log")
+        workers += [scorer, events]
         for worker in workers:
             worker.wait_ready()
         echo("workers ready: " + ", ".join(f"{w.command} (http://127.0.0.1:{w.port}/metrics)" for w in workers))
@@ -318,7 +319,7 @@ def local_run(
             settle()
         result.published = inverter.status().get("published", 0) if inverter is not None else 0
         result.admitted = scorer.status().get("bank_size", 0)
-        _summary(settings, result, kinds_by_file, inverter, scorer, echo)
+        _summary(settings, result, kinds_by_file, inverter, scorer, events, echo)
         return result
     finally:
         for worker in workers:
@@ -331,7 +332,7 @@ def local_run(
 
 
 def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str] | None,
-             inverter: WorkerProcess | None, scorer: WorkerProcess, echo: Callable[[str], None]) -> None:
+             inverter: WorkerProcess | None, scorer: WorkerProcess, events: WorkerProcess, echo: Callable[[str], None]) -> None:
     passes = result.passes
     first = passes[0]
     all_scores = [s for p in passes for s in p.scores]
@@ -345,6 +346,7 @@ def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str
          f"({len(first.report.skipped)} skipped)")
     echo(f"  frames scored             {len(all_scores)} of {sum(len(set(p.report.frame_ids)) for p in passes)}")
     echo(f"  alerts (judged OOD)       {verdicts.get('ood', 0)}")
+    _events_summary(settings, events, echo)
     echo(f"  judged in-distribution    {verdicts.get('id', 0)}")
     echo(f"  dead letters              {_count_topic(settings, settings.topics.deadletter)}")
     echo(f"  inversion candidates      {_count_topic(settings, settings.topics.candidates)}")
@@ -377,6 +379,34 @@ def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str
             continue
         negs = ", ".join(n.label for n in s.negatives[:3])
         echo(f"  {Path(name).name:32s} {label}{s.verdict.upper():3s} score {s.score:.3f}  top {s.id_class} ({s.id_prob:.2f})  negatives: {negs}")
+
+
+def _events_summary(settings: Settings, events: WorkerProcess, echo: Callable[[str], None]) -> None:
+    """What the events worker made of the alerts: events per camera, not one line per frame."""
+    told, deadline = -1, time.monotonic() + 10
+    while time.monotonic() < deadline:  # until it has told what the last alerts caused
+        now = events.status().get("events_told", 0)
+        if now == told:
+            break
+        told = now
+        time.sleep(1)
+    status = events.status()
+    consumer = make_consumer(settings.kafka, group_id=None)
+    opened: Counter = Counter()
+    try:
+        partitions = [TopicPartition(settings.topics.events, p) for p in consumer.partitions_for_topic(settings.topics.events) or []]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            for records in consumer.poll(timeout_ms=300).values():
+                for r in records:
+                    event = OODEvent.from_bytes(r.value)
+                    opened[event.camera_id] += event.status == "opened"
+    finally:
+        consumer.close()
+    echo(f"  events                    {sum(opened.values())} opened on {len(opened)} camera(s), {status.get('events_open', 0)} still open "
+         f"({status.get('events_told', 0)} event records for the alerts above; one alert per frame would be one record each)")
 
 
 def per_second(count: int, seconds: float) -> str:

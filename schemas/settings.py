@@ -199,6 +199,10 @@ class CameraSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     threshold: float | None = Field(None, gt=0, allow_inf_nan=False, description="frames scoring below this are OOD, for this camera")
+    method: Method | None = Field(
+        None, description="the method scoring this camera, from those the bundle carries (set its threshold too: scales differ); "
+        "it makes no inversion candidates, the bank being the workers' method's"
+    )
     roi: tuple[float, float, float, float] | None = Field(
         None, description="region of interest: x0, y0, x1, y1 as fractions of the frame; only it is scored"
     )

@@ -79,13 +79,13 @@ def wait_configured(worker, n: int) -> None:
         time.sleep(0.3)
 
 
-def local_score(bundle_dir, settings, data: bytes, roi=None) -> float:
+def local_score(bundle_dir, settings, data: bytes, roi=None, method=None) -> float:
     bundle, loaded = load_bundle_with_model(bundle_dir, "cpu")
     image = decode_image(data, max_bytes=10**7, max_pixels=10**8)
     if roi is not None:
         image = crop_to(image, roi, 20)
     emb = loaded.encode_images(torch.stack([loaded.preprocess(image)])).numpy()
-    return float(scorer_from_bundle(bundle, settings).score(emb).score[0])
+    return float(scorer_from_bundle(bundle, settings, method).score(emb).score[0])
 
 
 def test_camera_settings_reach_running_workers_and_can_be_withdrawn(stream_settings, tiny_bundle_dir, workers, tmp_path):
@@ -105,14 +105,24 @@ threshold = 0.0001
 open_frames = 1
 [cameras.r]
 roi = [0.0, 0.0, 0.5, 0.5]
+[cameras.m]
+method = "mcm"
+threshold = 0.2
+[cameras.c]
+method = "csp"
 """))
     assert "b: added" in out and "q: added" in out and "r: added" in out
-    wait_configured(scorer, 3)
-    wait_configured(events, 3)
+    wait_configured(scorer, 5)
+    wait_configured(events, 5)
     frame = jpeg(7, size=(128, 96))
     produce_records(s, [frame_record(1, jpeg(1), camera="b"), frame_record(2, jpeg(2), camera="q"),
-                        frame_record(3, frame, camera="r"), frame_record(4, frame, camera="plain")])
-    scores = {FrameScore.from_bytes(r.value).frame_id: FrameScore.from_bytes(r.value) for r in read_topic(s, s.topics.scores, expect=5)}
+                        frame_record(3, frame, camera="r"), frame_record(4, frame, camera="plain"),
+                        frame_record(6, frame, camera="m"), frame_record(7, frame, camera="c")])
+    scores = {FrameScore.from_bytes(r.value).frame_id: FrameScore.from_bytes(r.value) for r in read_topic(s, s.topics.scores, expect=7)}
+    # m's own method, with its own threshold, in the same batches as the others' InterNeg
+    assert (scores["f6"].method, scores["f6"].threshold, scores["f4"].method) == ("mcm", 0.2, "interneg")
+    np.testing.assert_allclose(scores["f6"].score, local_score(tiny_bundle_dir, s, frame, method="mcm"), atol=1e-4)
+    assert scores["f7"].method == "interneg"  # CSP is not in the bundle: the worker's method, and a warning in its log
     assert (scores["f0"].verdict, scores["f0"].threshold) == ("ood", 0.9999)
     assert (scores["f1"].verdict, scores["f1"].threshold) == ("id", 0.0001)  # b's own threshold, live
     assert scores["f3"].score != scores["f4"].score  # r scores its region only
@@ -128,7 +138,7 @@ roi = [0.0, 0.0, 0.5, 0.5]
     assert "b: withdrawn" in out and "q: unchanged" in out
     wait_configured(scorer, 2)
     produce_records(s, [frame_record(5, jpeg(5), camera="b")])
-    scores = {FrameScore.from_bytes(r.value).frame_id: FrameScore.from_bytes(r.value) for r in read_topic(s, s.topics.scores, expect=6)}
+    scores = {FrameScore.from_bytes(r.value).frame_id: FrameScore.from_bytes(r.value) for r in read_topic(s, s.topics.scores, expect=8)}
     assert (scores["f5"].verdict, scores["f5"].threshold) == ("ood", 0.9999)  # back to the workers' setting
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from pipeline.errors import InterNegError
 from pipeline.images import ImageRejected, check_dimensions, decode_image
 from pipeline.preprocess import BatchPreprocessor, UnsupportedTransform, decode_jpegs_on_device
 from pipeline.methods import scorer_from_bundle
-from pipeline.scorers import Scores, judge
+from pipeline.scorers import Scorer, Scores, judge
 from schemas.messages import (
     CONTENT_TYPES,
     H_CAMERA_ID,
@@ -232,6 +232,7 @@ class ScoringWorker(BundleWorker):
             preprocessor = None  # the model's own per-image transform
         self.bundle, self.loaded, self.scorer, self.routing, self.preprocessor = bundle, loaded, scorer, routing, preprocessor
         self.bank = scorer.bank if scorer.adapts_remotely else None  # followed from ood.negatives
+        self.scorers: dict[str, Scorer] = {}  # cameras' own methods, built from this bundle when first asked for
         self.gpu_decode = settings.worker.gpu_decode and loaded.device.type == "cuda" and preprocessor is not None
 
     def input(self) -> tuple[str, str, int]:
@@ -247,6 +248,28 @@ class ScoringWorker(BundleWorker):
         """A camera's own settings from the control topic (empty when it has none)."""
         found = self.control.cameras.get(camera_id) if self.control is not None else None
         return found if found is not None else NO_CAMERA_SETTINGS
+
+    def _by_method(self, frames: list[Frame]) -> list[tuple[Scorer, list[int]]]:
+        """The batch's frames by the scorer of their camera's method (the worker's unless the
+        cameras file names another), in batch order within each."""
+        groups: dict[str, list[int]] = {}
+        for i, frame in enumerate(frames):
+            groups.setdefault(self._scorer_for(frame.camera_id).name, []).append(i)
+        return [(self.scorers.get(name, self.scorer), idx) for name, idx in groups.items()]
+
+    def _scorer_for(self, camera_id: str) -> Scorer:
+        method = self.camera(camera_id).method
+        if method is None or method == self.scorer.name:
+            return self.scorer
+        if method not in self.scorers:
+            try:
+                self.scorers[method] = scorer_from_bundle(self.bundle, self.settings, method, inverter=None)
+                self.log.info("a camera's own method", camera=camera_id, method=method)
+            except InterNegError as exc:  # the bundle does not carry it: the worker's method, said once
+                self.scorers[method] = self.scorer
+                self.log.warning("a camera's method is not in the bundle: the worker's method scores it", camera=camera_id,
+                                 method=method, used=self.scorer.name, error=str(exc)[:200])
+        return self.scorers[method]
 
     def threshold(self, camera_id: str) -> float:
         own = self.camera(camera_id).threshold
@@ -402,9 +425,14 @@ class ScoringWorker(BundleWorker):
         decoded = time.perf_counter()
         emb_device = self.loaded.encode_images(prepared.batch)  # stays on the GPU for the score
         encoded = time.perf_counter()
-        result = self.scorer.score(emb_device)
         emb = emb_device.cpu().numpy()
-        explanations = self.scorer.explain(emb, self.settings.method.explain_top)
+        groups = self._by_method(kept)
+        scored_groups = []
+        for scorer, idx in groups:
+            whole = len(groups) == 1  # the usual batch: no copies
+            result = scorer.score(emb_device if whole else emb_device[torch.as_tensor(idx, device=emb_device.device)])
+            part = emb if whole else emb[idx]
+            scored_groups.append((scorer, idx, part, result, scorer.explain(part, self.settings.method.explain_top)))
         scored = time.perf_counter()
         n = len(kept)
         timings = Timings(
@@ -418,11 +446,16 @@ class ScoringWorker(BundleWorker):
         now_ms = int(time.time() * 1000)
         bank = self.bank
         allowed = self.allow.match(emb, [f.camera_id for f in kept])
-        produced = to_outputs(kept, emb, result, explanations, self.routing, bank_version=bank.version if bank is not None else 0,
-                              bank_size=len(bank.entries) if bank is not None else 0, now_ms=now_ms, timings=timings, allowed=allowed,
-                              thresholds=[self.threshold(f.camera_id) for f in kept])
-        if self.scorer.adapts and not self.scorer.adapts_remotely:  # AdaNeg: this replica's own memory, for the next batch
-            self.adaptations += self.scorer.apply(self.scorer.propose(emb, result, [f.frame_id for f in kept]))
+        produced = []
+        for scorer, idx, part, result, explanations in scored_groups:
+            frames = [kept[i] for i in idx]
+            # a camera's own method: its scores and alerts, no inversion candidates (the bank is the worker's method's)
+            routing = self.routing if scorer is self.scorer else replace(self.routing, method=scorer.name, candidate_below=None)
+            produced += to_outputs(frames, part, result, explanations, routing, bank_version=bank.version if bank is not None else 0,
+                                   bank_size=len(bank.entries) if bank is not None else 0, now_ms=now_ms, timings=timings,
+                                   allowed=[allowed[i] for i in idx], thresholds=[self.threshold(f.camera_id) for f in frames])
+            if scorer.adapts and not scorer.adapts_remotely:  # AdaNeg: this replica's own memory, for the next batch
+                self.adaptations += scorer.apply(scorer.propose(part, result, [f.frame_id for f in frames]))
         t = self.settings.topics
         m = self.metrics
         camera_of = {id(f.record): f.camera_id for f in kept}

@@ -203,6 +203,11 @@ class CameraSettings(BaseModel):
         None, description="the method scoring this camera, from those the bundle carries (set its threshold too: scales differ); "
         "it makes no inversion candidates, the bank being the workers' method's"
     )
+    bundle: str | None = Field(
+        None, max_length=4096,
+        description="a bundle of this camera's own known classes, at a path the scoring workers see, prepared with the "
+        "workers' model (the frame is encoded once); like a camera's own method, it makes no inversion candidates",
+    )
     roi: tuple[float, float, float, float] | None = Field(
         None, description="region of interest: x0, y0, x1, y1 as fractions of the frame; only it is scored"
     )

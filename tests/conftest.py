@@ -55,6 +55,19 @@ def tiny_bundle_dir(tiny_model, class_folder, tiny_settings, tmp_path_factory) -
     return save_bundle(bundle, tmp_path_factory.mktemp("bundle") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def other_bundle(tiny_model, tiny_settings, tmp_path_factory) -> Path:
+    """A bundle for the same tiny model with other classes (yellow square, purple disc)."""
+    from pipeline.bundle import prepare_bundle, save_bundle
+
+    root = tmp_path_factory.mktemp("other-classes")
+    for k, (name, colour, shape) in enumerate([("yellow_square", (230, 220, 30), "rectangle"), ("purple_disc", (140, 30, 160), "ellipse")]):
+        (root / name).mkdir()
+        for i in range(3):
+            draw_image(root / name / f"{i}.png", colour, shape, seed=100 + 10 * k + i)
+    return save_bundle(prepare_bundle(tiny_model, root, tiny_settings), tmp_path_factory.mktemp("bundle-b") / "b")
+
+
 # --- the real Kafka broker -------------------------------------------------------------
 import subprocess  # noqa: E402
 import uuid  # noqa: E402

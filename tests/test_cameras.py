@@ -88,7 +88,7 @@ def local_score(bundle_dir, settings, data: bytes, roi=None, method=None) -> flo
     return float(scorer_from_bundle(bundle, settings, method).score(emb).score[0])
 
 
-def test_camera_settings_reach_running_workers_and_can_be_withdrawn(stream_settings, tiny_bundle_dir, workers, tmp_path):
+def test_camera_settings_reach_running_workers_and_can_be_withdrawn(stream_settings, tiny_bundle_dir, other_bundle, workers, tmp_path):
     s = stream_settings
     s.worker.bundle = tiny_bundle_dir
     s.method.threshold = 0.9999  # the workers' setting: every frame OOD
@@ -110,15 +110,24 @@ method = "mcm"
 threshold = 0.2
 [cameras.c]
 method = "csp"
-"""))
+[cameras.farm]
+bundle = "%s"
+[cameras.lost]
+bundle = "%s"
+""" % (other_bundle, tmp_path / "no-such-bundle")))
     assert "b: added" in out and "q: added" in out and "r: added" in out
-    wait_configured(scorer, 5)
-    wait_configured(events, 5)
+    wait_configured(scorer, 7)
+    wait_configured(events, 7)
     frame = jpeg(7, size=(128, 96))
     produce_records(s, [frame_record(1, jpeg(1), camera="b"), frame_record(2, jpeg(2), camera="q"),
                         frame_record(3, frame, camera="r"), frame_record(4, frame, camera="plain"),
-                        frame_record(6, frame, camera="m"), frame_record(7, frame, camera="c")])
-    scores = {FrameScore.from_bytes(r.value).frame_id: FrameScore.from_bytes(r.value) for r in read_topic(s, s.topics.scores, expect=7)}
+                        frame_record(6, frame, camera="m"), frame_record(7, frame, camera="c"),
+                        frame_record(8, frame, camera="farm"), frame_record(9, frame, camera="lost")])
+    scores = {FrameScore.from_bytes(r.value).frame_id: FrameScore.from_bytes(r.value) for r in read_topic(s, s.topics.scores, expect=9)}
+    # farm's own known classes (a bundle of the same model), scored as that bundle scores it; lost's bundle is not there
+    assert scores["f8"].id_class in {"yellow square", "purple disc"}
+    np.testing.assert_allclose(scores["f8"].score, local_score(other_bundle, s, frame), atol=1e-4)
+    assert scores["f9"].id_class in {"red circle", "green square", "blue circle"}
     # m's own method, with its own threshold, in the same batches as the others' InterNeg
     assert (scores["f6"].method, scores["f6"].threshold, scores["f4"].method) == ("mcm", 0.2, "interneg")
     np.testing.assert_allclose(scores["f6"].score, local_score(tiny_bundle_dir, s, frame, method="mcm"), atol=1e-4)
@@ -138,7 +147,7 @@ method = "csp"
     assert "b: withdrawn" in out and "q: unchanged" in out
     wait_configured(scorer, 2)
     produce_records(s, [frame_record(5, jpeg(5), camera="b")])
-    scores = {FrameScore.from_bytes(r.value).frame_id: FrameScore.from_bytes(r.value) for r in read_topic(s, s.topics.scores, expect=8)}
+    scores = {FrameScore.from_bytes(r.value).frame_id: FrameScore.from_bytes(r.value) for r in read_topic(s, s.topics.scores, expect=10)}
     assert (scores["f5"].verdict, scores["f5"].threshold) == ("ood", 0.9999)  # back to the workers' setting
 
 

@@ -8,28 +8,14 @@ import subprocess
 import sys
 import time
 
-import pytest
-
-from pipeline.bundle import manifest_digest, prepare_bundle, save_bundle
+from pipeline.bundle import manifest_digest
 from schemas.messages import BundleRollout, FrameScore
 from test_streaming import frame_record, jpeg, read_topic
 from workers.control import rollout_output
 from workers.delivery import send_and_confirm
-from workers.demo import draw_image
 from workers.kafka_clients import make_producer
 from workers.processes import settings_env
 from workers.producer import produce_records
-
-
-@pytest.fixture(scope="module")
-def other_bundle(tiny_model, tiny_settings, tmp_path_factory):
-    """A bundle for the same model with other classes."""
-    root = tmp_path_factory.mktemp("other-classes")
-    for k, (name, colour, shape) in enumerate([("yellow_square", (230, 220, 30), "rectangle"), ("purple_disc", (140, 30, 160), "ellipse")]):
-        (root / name).mkdir()
-        for i in range(3):
-            draw_image(root / name / f"{i}.png", colour, shape, seed=100 + 10 * k + i)
-    return save_bundle(prepare_bundle(tiny_model, root, tiny_settings), tmp_path_factory.mktemp("bundle-b") / "b")
 
 
 def interneg(settings, *args: str) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ setting::
     [cameras.yard]
     threshold = 0.42                 # frames scoring below it are OOD
     method = "neglabel"              # one the bundle carries
+    bundle = "/bundles/yard"         # its own known classes (the workers' model), at a path the workers see
     roi = [0.0, 0.25, 1.0, 1.0]      # x0, y0, x1, y1: only this part of the frame is scored
 
     [cameras.yard.events]            # how its OOD frames become events

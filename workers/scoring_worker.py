@@ -17,7 +17,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from PIL import Image
 
 from pipeline.allow import AllowList
-from pipeline.bundle import BundleError, load_bundle_with_model, manifest_digest
+from pipeline.bundle import BundleError, load_bundle, load_bundle_with_model, manifest_digest
 from pipeline.errors import InterNegError
 from pipeline.images import ImageRejected, check_dimensions, decode_image
 from pipeline.preprocess import BatchPreprocessor, UnsupportedTransform, decode_jpegs_on_device
@@ -232,7 +232,9 @@ class ScoringWorker(BundleWorker):
             preprocessor = None  # the model's own per-image transform
         self.bundle, self.loaded, self.scorer, self.routing, self.preprocessor = bundle, loaded, scorer, routing, preprocessor
         self.bank = scorer.bank if scorer.adapts_remotely else None  # followed from ood.negatives
-        self.scorers: dict[str, Scorer] = {}  # cameras' own methods, built from this bundle when first asked for
+        # cameras' own (bundle, method) scorers, built when first asked for, and their class names
+        self.scorers: dict[tuple[str | None, str], Scorer] = {}
+        self.class_names: dict[int, list[str]] = {}
         self.gpu_decode = settings.worker.gpu_decode and loaded.device.type == "cuda" and preprocessor is not None
 
     def input(self) -> tuple[str, str, int]:
@@ -250,26 +252,34 @@ class ScoringWorker(BundleWorker):
         return found if found is not None else NO_CAMERA_SETTINGS
 
     def _by_method(self, frames: list[Frame]) -> list[tuple[Scorer, list[int]]]:
-        """The batch's frames by the scorer of their camera's method (the worker's unless the
-        cameras file names another), in batch order within each."""
-        groups: dict[str, list[int]] = {}
+        """The batch's frames by the scorer of their camera's bundle and method (the worker's
+        unless the cameras file names others), in batch order within each."""
+        groups: dict[int, tuple[Scorer, list[int]]] = {}
         for i, frame in enumerate(frames):
-            groups.setdefault(self._scorer_for(frame.camera_id).name, []).append(i)
-        return [(self.scorers.get(name, self.scorer), idx) for name, idx in groups.items()]
+            scorer = self._scorer_for(frame.camera_id)
+            groups.setdefault(id(scorer), (scorer, []))[1].append(i)
+        return list(groups.values())
 
     def _scorer_for(self, camera_id: str) -> Scorer:
-        method = self.camera(camera_id).method
-        if method is None or method == self.scorer.name:
+        own = self.camera(camera_id)
+        key = (own.bundle, own.method or self.scorer.name)
+        if key == (None, self.scorer.name):
             return self.scorer
-        if method not in self.scorers:
+        if key not in self.scorers:
             try:
-                self.scorers[method] = scorer_from_bundle(self.bundle, self.settings, method, inverter=None)
-                self.log.info("a camera's own method", camera=camera_id, method=method)
-            except InterNegError as exc:  # the bundle does not carry it: the worker's method, said once
-                self.scorers[method] = self.scorer
-                self.log.warning("a camera's method is not in the bundle: the worker's method scores it", camera=camera_id,
-                                 method=method, used=self.scorer.name, error=str(exc)[:200])
-        return self.scorers[method]
+                bundle = self._camera_bundle(own.bundle) if own.bundle is not None else self.bundle
+                self.scorers[key] = scorer_from_bundle(bundle, self.settings, key[1], inverter=None)
+                self.class_names[id(self.scorers[key])] = bundle.class_names
+                self.log.info("a camera's own bundle or method", camera=camera_id, bundle=own.bundle, method=key[1])
+            except InterNegError as exc:  # not loadable here, or without that method: the worker's, said once
+                self.scorers[key] = self.scorer
+                self.log.warning("a camera's own bundle or method cannot be used: the worker's scores it", camera=camera_id,
+                                 bundle=own.bundle, method=key[1], used=self.scorer.name, error=str(exc)[:300])
+        return self.scorers[key]
+
+    def _camera_bundle(self, path: str):
+        """A camera's bundle, checked file by file and refused if made with another model."""
+        return load_bundle(Path(path), model_id=self.loaded.model_id)
 
     def threshold(self, camera_id: str) -> float:
         own = self.camera(camera_id).threshold
@@ -449,8 +459,9 @@ class ScoringWorker(BundleWorker):
         produced = []
         for scorer, idx, part, result, explanations in scored_groups:
             frames = [kept[i] for i in idx]
-            # a camera's own method: its scores and alerts, no inversion candidates (the bank is the worker's method's)
-            routing = self.routing if scorer is self.scorer else replace(self.routing, method=scorer.name, candidate_below=None)
+            # a camera's own bundle or method: its scores and alerts, no inversion candidates (the bank is the worker's)
+            routing = self.routing if scorer is self.scorer else replace(
+                self.routing, method=scorer.name, candidate_below=None, class_names=self.class_names.get(id(scorer), self.routing.class_names))
             produced += to_outputs(frames, part, result, explanations, routing, bank_version=bank.version if bank is not None else 0,
                                    bank_size=len(bank.entries) if bank is not None else 0, now_ms=now_ms, timings=timings,
                                    allowed=[allowed[i] for i in idx], thresholds=[self.threshold(f.camera_id) for f in frames])

@@ -364,7 +364,8 @@ def test_tail_of_missing_topic_raises(settings):
 def test_an_alert_line_cannot_forge_terminal_output_and_survives_any_ts():
     from workers.tail import format_alert
 
-    alert = OODAlert(
+    # model_construct: the schema now refuses such a ts on the wire; the line must still hold
+    alert = OODAlert.model_construct(
         frame_id="f\x1b[2J1", camera_id="cam\nFAKE LINE", ts_ms=10**30, source=SourceRef(topic="t", partition=0, offset=1),
         method="interneg", score=0.1, threshold=0.5, verdict="ood", id_class="cat\r", id_prob=0.9, bank_version=0, bank_size=0,
         model_id="m", worker="w", scored_at_ms=0,

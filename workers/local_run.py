@@ -319,7 +319,7 @@ def local_run(
             settle()
         result.published = inverter.status().get("published", 0) if inverter is not None else 0
         result.admitted = scorer.status().get("bank_size", 0)
-        _summary(settings, result, kinds_by_file, inverter, scorer, events, echo)
+        _summary(settings, result, kinds_by_file, inverter, scorer, echo, events=events)
         return result
     finally:
         for worker in workers:
@@ -332,7 +332,8 @@ def local_run(
 
 
 def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str] | None,
-             inverter: WorkerProcess | None, scorer: WorkerProcess, events: WorkerProcess, echo: Callable[[str], None]) -> None:
+             inverter: WorkerProcess | None, scorer: WorkerProcess, echo: Callable[[str], None],
+             events: WorkerProcess | None = None) -> None:
     passes = result.passes
     first = passes[0]
     all_scores = [s for p in passes for s in p.scores]
@@ -346,7 +347,8 @@ def _summary(settings: Settings, result: RunResult, kinds_by_file: dict[str, str
          f"({len(first.report.skipped)} skipped)")
     echo(f"  frames scored             {len(all_scores)} of {sum(len(set(p.report.frame_ids)) for p in passes)}")
     echo(f"  alerts (judged OOD)       {verdicts.get('ood', 0)}")
-    _events_summary(settings, events, echo)
+    if events is not None:
+        _events_summary(settings, events, echo)
     echo(f"  judged in-distribution    {verdicts.get('id', 0)}")
     echo(f"  dead letters              {_count_topic(settings, settings.topics.deadletter)}")
     echo(f"  inversion candidates      {_count_topic(settings, settings.topics.candidates)}")
